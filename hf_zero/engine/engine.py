@@ -1,0 +1,375 @@
+"""ZeroEngine: forward, backward and the sharded optimizer step of one data-parallel rank.
+
+Note:
+    * The engine owns the model's parameters after construction: each parameter's ``.data`` is a
+      view into a unit's flat buffer (see :mod:`hf_zero.engine.flat`), the user's optimizer
+      steps fp32 master shards (see :mod:`hf_zero.engine.optim`), and hooks drive gathering and
+      reduction (see :mod:`hf_zero.engine.stages`).
+    * Training loop contract, DeepSpeed's: every micro-batch ``loss = engine(**batch).loss;
+      engine.backward(loss); engine.step()``. ``backward`` divides the loss by the accumulation
+      steps and multiplies it by the loss scale; ``step`` applies the update only at the
+      accumulation boundary and zeroes the gradients after it.
+    * All ranks take the same decisions at the same time: the overflow flag and the grad norm
+      are all-reduced before anyone looks at them, so a skipped fp16 step is skipped everywhere.
+    * Memory accounting (:meth:`memory_report`) counts persistent per-rank tensors only: the
+      parameter storage a rank keeps between steps, its gradient accumulators, its fp32 master
+      copy (zero when the master aliases fp32 parameters) and its optimizer states.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..config import ZeroConfig
+from .collectives import Collectives, CommTotals
+from .flat import FlatParam, FlatState
+from .optim import (
+    Piece,
+    build_optimizer,
+    check_elementwise,
+    clip_coefficient,
+    global_grad_norm_sq,
+    make_pieces,
+    param_group_index,
+    repoint_optimizer,
+)
+from .precision import LossScaler, local_overflow
+from .stages import StageRuntime, Unit
+from .units import build_units, find_layer_modules
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ZeroEngine:
+    """A model wrapped for ZeRO data parallelism. Build it with :func:`hf_zero.initialize`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ZeroConfig,
+        *,
+        comm: Collectives,
+        device: torch.device,
+        optimizer: Optional[Any] = None,
+        model_parameters: Optional[Any] = None,
+        lr_scheduler: Optional[Any] = None,
+        alignment: int = 16,
+    ):
+        if config.unresolved_keys():
+            raise ValueError(f"config has unresolved 'auto' values: {config.unresolved_keys()}")
+        self.config = config
+        self.comm = comm
+        self.device = device
+        self.stage = config.zero_optimization.stage
+        self.rank, self.world_size = comm.rank, comm.world_size
+        self.gradient_accumulation_steps = int(config.gradient_accumulation_steps)
+        self.micro_batch_size = int(config.train_micro_batch_size_per_gpu)
+        self.gradient_clipping = float(config.gradient_clipping or 0.0)
+        self.compute_dtype = config.compute_dtype
+        self.micro_steps = 0
+        self.global_steps = 0
+        self.skipped_steps = 0
+        self._last_grad_norm: Optional[torch.Tensor] = None
+        self._last_comm = CommTotals()
+
+        self.module = model.to(device)
+        self._sync_module_states()
+        self.optimizer = self._make_optimizer(optimizer, model_parameters)
+        check_elementwise(self.optimizer, allow_untested=config.zero_allow_untested_optimizer)
+        self.units = self._build_units()
+        self.pieces: List[Piece] = self._build_pieces()
+        repoint_optimizer(self.optimizer, self.pieces)
+        self.lr_scheduler = self._make_scheduler(lr_scheduler)
+
+        fp16 = config.fp16
+        self.loss_scaler = LossScaler(
+            fp16.initial_scale if fp16.enabled else 1.0,
+            dynamic=fp16.enabled and fp16.dynamic,
+            window=fp16.loss_scale_window,
+            hysteresis=fp16.hysteresis,
+            consecutive_hysteresis=fp16.consecutive_hysteresis,
+            min_scale=fp16.min_loss_scale,
+        )
+        accum = _DTYPES.get(config.grad_accum_dtype) if config.grad_accum_dtype else None
+        comm_dtype = _DTYPES.get(config.communication_data_type) if config.communication_data_type else None
+        predivide = float(config.gradient_predivide_factor) if config.prescale_gradients else 1.0
+        self.runtime = StageRuntime(
+            self.units, comm, stage=self.stage, comm_dtype=comm_dtype, accum_dtype=accum, predivide=predivide
+        )
+        self.runtime.on_backward_end = self.runtime.finish_backward
+        self.runtime.install()
+        self.comm.take_totals()  # the start-up broadcast is not part of any step
+
+    # ------------------------------------------------------------------------------ set-up
+    @torch.no_grad()
+    def _sync_module_states(self) -> None:
+        """Make every rank start from rank 0's parameters and buffers (as DDP does)."""
+        if self.world_size == 1:
+            return
+        for t in list(self.module.parameters()) + list(self.module.buffers()):
+            self.comm.broadcast(t.data)
+
+    def _make_optimizer(self, optimizer, model_parameters) -> torch.optim.Optimizer:
+        if isinstance(optimizer, torch.optim.Optimizer):
+            if self.config.optimizer is not None:
+                raise ValueError(
+                    "both a client optimizer and an 'optimizer' section in the config were given; "
+                    "remove one of them"
+                )
+            return optimizer
+        params = model_parameters if model_parameters is not None else [
+            p for p in self.module.parameters() if p.requires_grad
+        ]
+        params = list(params)
+        if callable(optimizer):
+            return optimizer(params)
+        if self.config.optimizer is None:
+            raise ValueError(
+                "no optimizer: pass optimizer= to initialize() or add an 'optimizer' section to the config"
+            )
+        return build_optimizer(self.config.optimizer.type, dict(self.config.optimizer.params), params)
+
+    def _build_units(self) -> List[Unit]:
+        specs = build_units(self.module, find_layer_modules(self.module))
+        group_of = param_group_index(self.optimizer)
+        sharded = self.stage == 3
+        shard_world = 1 if self.stage == 0 else self.world_size
+        shard_rank = 0 if self.stage == 0 else self.rank
+        units: List[Unit] = []
+        for index, spec in enumerate(specs):
+            buckets: Dict[tuple, list] = {}
+            for name, p in spec.params:
+                dtype = self.compute_dtype if p.is_floating_point() else p.dtype
+                buckets.setdefault((not p.requires_grad, str(dtype)), (dtype, []))[1].append((name, p))
+            flats = []
+            for key in sorted(buckets):
+                dtype, named = buckets[key]
+                if named[0][1].requires_grad:  # lay trainable parameters out by optimizer group
+                    named = sorted(named, key=lambda np_: group_of.get(id(np_[1]), len(group_of)))
+                flat = FlatParam(
+                    [p for _, p in named],
+                    [n for n, _ in named],
+                    dtype=dtype,
+                    device=self.device,
+                    shard_rank=shard_rank,
+                    shard_world=shard_world,
+                    sharded=sharded,
+                    alignment=16,
+                    master_dtype=torch.float32,
+                )
+                if sharded:
+                    flat.detach_shard()
+                flats.append(flat)
+            if flats:
+                units.append(Unit(len(units), spec.name, spec.module, spec.is_root, flats))
+            elif spec.is_root:
+                units.append(Unit(len(units), spec.name, spec.module, True, []))
+        return units
+
+    def _build_pieces(self) -> List[Piece]:
+        group_of = param_group_index(self.optimizer)
+        pieces: List[Piece] = []
+        self._trainable_flats: List[FlatParam] = [f for u in self.units for f in u.trainable]
+        for fi, f in enumerate(self._trainable_flats):
+            segs = [
+                (s.shard_start, s.length, group_of.get(id(f.params[s.param_index])))
+                for s in f.segments_in_shard()
+            ]
+            pieces += make_pieces(fi, f.master, segs)
+        return pieces
+
+    def _make_scheduler(self, lr_scheduler):
+        if lr_scheduler is not None and self.config.scheduler is not None:
+            raise ValueError("both a client lr_scheduler and a 'scheduler' section in the config were given")
+        if callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
+            return lr_scheduler(self.optimizer)
+        if lr_scheduler is not None:
+            return lr_scheduler
+        if self.config.scheduler is not None:
+            from .schedulers import build_scheduler
+
+            return build_scheduler(self.config.scheduler, self.optimizer)
+        return None
+
+    # ------------------------------------------------------------------------------ loop
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    forward = __call__
+
+    def train(self, mode: bool = True) -> "ZeroEngine":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "ZeroEngine":
+        return self.train(False)
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps == 0
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.scale
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+        """Backward of ``loss / gradient_accumulation_steps``, scaled by the loss scale."""
+        factor = self.loss_scaler.scale / self.gradient_accumulation_steps
+        (loss.float() * factor).backward(retain_graph=retain_graph)
+        self.runtime.finish_backward()
+        return loss
+
+    def step(self) -> None:
+        """Count a micro-step; at the accumulation boundary, update the weights."""
+        boundary = self.is_gradient_accumulation_boundary()
+        self.micro_steps += 1
+        if boundary:
+            self._optimizer_step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradient accumulators (the engine also does this after every update)."""
+        self.runtime.zero_grads()
+        for p in self.module.parameters():
+            p.grad = None
+
+    # ------------------------------------------------------------------------------ step
+    def _master_grads(self) -> List[torch.Tensor]:
+        """fp32 gradient of each trainable flat's master shard (aliases where dtypes agree)."""
+        out = []
+        for u in self.units:
+            for fi, f in enumerate(u.flats):
+                if not f.trainable:
+                    continue
+                g = u.grad_full.get(fi) if self.stage == 0 else u.grad_shard.get(fi)
+                if g is None:
+                    g = torch.zeros(f.shard_numel, dtype=torch.float32, device=f.device)
+                out.append(g if g.dtype == torch.float32 else g.float())
+        return out
+
+    @torch.no_grad()
+    def _optimizer_step(self) -> None:
+        if self.stage <= 1:
+            self.runtime.reduce_boundary()
+        grads = self._master_grads()
+        inv_scale = 1.0 / self.loss_scaler.scale
+        if self.config.fp16.enabled:
+            overflow = local_overflow(grads).to(self.device)
+            self.comm.all_reduce(overflow, op="max", control=True)
+            if bool(overflow.item()):
+                self.loss_scaler.update(True)
+                self.skipped_steps += 1
+                self._last_grad_norm = torch.tensor(float("inf"))
+                self._finish_step(params_changed=False)
+                return
+        norm_sq = global_grad_norm_sq(grads).to(self.device)
+        if self.stage >= 1:
+            self.comm.all_reduce(norm_sq, op="sum", control=True)
+        total_norm = norm_sq.sqrt() * inv_scale
+        self._last_grad_norm = total_norm
+        coef = torch.tensor(inv_scale, device=self.device)
+        if self.gradient_clipping > 0:
+            coef = coef * clip_coefficient(total_norm, self.gradient_clipping)
+        for g in grads:
+            g.mul_(coef)
+        for piece in self.pieces:
+            piece.param.grad = grads[piece.flat_index][piece.start : piece.end]
+        self.optimizer.step()
+        for piece in self.pieces:
+            piece.param.grad = None
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.loss_scaler.update(False)
+        self._finish_step(params_changed=True)
+
+    def _finish_step(self, params_changed: bool) -> None:
+        if params_changed:
+            self._publish_parameters()
+        self.zero_grad()
+        self.global_steps += 1
+        self._last_comm = self.comm.take_totals()
+
+    def _publish_parameters(self) -> None:
+        """Copy the updated master shards into the compute-dtype parameters everywhere."""
+        for f in self._trainable_flats:
+            if not f.master_is_shard:
+                f.shard.copy_(f.master)
+            if self.stage in (1, 2):
+                self.comm.all_gather(f.full, f.shard)
+
+    # ------------------------------------------------------------------------------ reports
+    def get_global_grad_norm(self) -> Optional[float]:
+        """The gradient norm of the last optimizer step, before clipping (inf if skipped)."""
+        return None if self._last_grad_norm is None else float(self._last_grad_norm)
+
+    def memory_report(self) -> Dict[str, Any]:
+        """This rank's persistent bytes of model states, and bytes sent in the last step."""
+        param_bytes = sum(f.persistent_param_bytes for u in self.units for f in u.flats)
+        grad_bytes = sum(
+            t.numel() * t.element_size()
+            for u in self.units
+            for t in list(u.grad_full.values()) + list(u.grad_shard.values())
+            if t is not None
+        )
+        master_bytes = sum(
+            f.master.numel() * f.master.element_size() for f in self._trainable_flats if not f.master_is_shard
+        )
+        state_bytes = 0
+        for state in self.optimizer.state.values():
+            for v in state.values():
+                if torch.is_tensor(v):
+                    state_bytes += v.numel() * v.element_size()
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "stage": self.stage,
+            "num_parameters": sum(f.numel for u in self.units for f in u.flats),
+            "param_bytes": param_bytes,
+            "grad_bytes": grad_bytes,
+            "master_bytes": master_bytes,
+            "optimizer_state_bytes": state_bytes,
+            "model_state_bytes": param_bytes + grad_bytes + master_bytes + state_bytes,
+            "comm_bytes_last_step": self._last_comm.as_dict(),
+        }
+
+    @torch.no_grad()
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Collective: the full fp32 weights (and buffers) keyed as ``module.state_dict()``, on
+        every rank, as CPU tensors. Every rank must call it."""
+        by_param: Dict[int, torch.Tensor] = {}
+        for u in self.units:
+            for f in u.flats:
+                shard = f.master if f.trainable else f.shard.float()
+                if f.shard_world == 1:
+                    full = shard
+                else:
+                    full = torch.empty(f.padded_numel, dtype=torch.float32, device=f.device)
+                    self.comm.all_gather(full, shard)
+                for i, p in enumerate(f.params):
+                    by_param[id(p)] = f.param_view(full, i).detach().cpu().clone()
+        out: Dict[str, torch.Tensor] = {}
+        for key, t in self.module.state_dict(keep_vars=True).items():
+            out[key] = by_param[id(t)] if id(t) in by_param else t.detach().cpu().clone()
+        self.comm.take_totals()
+        return out
+
+    def gathered_parameters(self):
+        """Context manager: at stage 3, every unit gathered (e.g. for inspection or export)."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def ctx():
+            for u in self.units:
+                self.runtime.gather(u)
+            try:
+                yield
+            finally:
+                self.runtime.release_all()
+
+        return ctx()
+
+    def destroy(self) -> None:
+        """Remove the engine's hooks (the parameters stay views of the flat buffers)."""
+        self.runtime.remove()

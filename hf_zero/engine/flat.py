@@ -1,0 +1,155 @@
+"""Flat parameter buffers: one unit's parameters of one dtype and trainability, in one 1-D tensor.
+
+Note:
+    * Layout: parameters are laid end to end in ``params`` order, then zero padding up to
+      ``padded_numel``, a multiple of ``alignment * shard_world``. Rank ``r`` owns the contiguous
+      slice ``[r * shard_numel, (r + 1) * shard_numel)``. Padding is always zero, so norms and
+      reductions over a shard need no masking.
+    * Every parameter's ``.data`` is a view into ``full``; gathering writes straight into
+      ``full`` and no per-parameter copy ever happens.
+    * With ``sharded=True`` (stage 3), ``shard`` is the only persistent storage; ``full`` keeps
+      its shape but its storage is resized to zero bytes while the unit is not gathered, so
+      tensors that autograd saved stay valid objects and see the data again after the next
+      gather. With ``sharded=False``, ``full`` is always allocated and ``shard`` is a view of it.
+    * The shard world may differ from the process world: stage 0 (plain data parallel) uses a
+      shard world of one, so every rank owns the whole buffer.
+    * ``segments_in_shard()`` is the single source of truth for which parameter elements a rank
+      owns; the optimizer and the checkpoint format are both built from it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+
+class FlatState(enum.Enum):
+    SHARDED = "sharded"      # only this rank's shard is in memory (stage 3)
+    GATHERING = "gathering"  # an all-gather into ``full`` was issued and not yet waited for
+    GATHERED = "gathered"    # ``full`` holds every parameter's current value
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Elements ``[param_start, param_start + length)`` of parameter ``param_index`` (flattened)
+    live at ``[shard_start, shard_start + length)`` of this rank's shard."""
+
+    param_index: int
+    param_start: int
+    shard_start: int
+    length: int
+
+
+def padded_size(numel: int, alignment: int, shard_world: int) -> int:
+    quantum = alignment * shard_world
+    return max(quantum, -(-numel // quantum) * quantum)
+
+
+class FlatParam:
+    """Parameters ``params`` (same dtype and device) flattened into one padded buffer."""
+
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        names: Sequence[str],
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        shard_rank: int,
+        shard_world: int,
+        sharded: bool,
+        alignment: int = 16,
+        master_dtype: Optional[torch.dtype] = None,
+    ):
+        assert len(params) == len(names) and params, "a flat buffer needs at least one parameter"
+        self.params: List[nn.Parameter] = list(params)
+        self.names: List[str] = list(names)
+        self.shapes = [tuple(p.shape) for p in params]
+        self.numels = [p.numel() for p in params]
+        self.offsets = []
+        total = 0
+        for n in self.numels:
+            self.offsets.append(total)
+            total += n
+        self.numel = total
+        self.dtype = dtype
+        self.device = device
+        self.trainable = params[0].requires_grad
+        assert all(p.requires_grad == self.trainable for p in params)
+        self.shard_rank = shard_rank
+        self.shard_world = shard_world
+        self.sharded = sharded
+        self.padded_numel = padded_size(total, alignment, shard_world)
+        self.shard_numel = self.padded_numel // shard_world
+        self.shard_start = shard_rank * self.shard_numel
+
+        # Copy the current values in; padding stays zero.
+        self.full = torch.zeros(self.padded_numel, dtype=dtype, device=device)
+        with torch.no_grad():
+            for p, off, n in zip(self.params, self.offsets, self.numels):
+                self.full[off : off + n].copy_(p.detach().reshape(-1))
+        self.shard = self.full[self.shard_start : self.shard_start + self.shard_numel]
+        self.state = FlatState.GATHERED
+        # The fp32 master shard, taken from the parameters' original values (before any cast to
+        # the compute dtype); it aliases ``shard`` when the dtypes agree.
+        self.master: Optional[torch.Tensor] = None
+        self.master_is_shard = master_dtype == dtype
+        if self.trainable and master_dtype is not None:
+            if self.master_is_shard:
+                self.master = self.shard
+            else:
+                self.master = torch.zeros(self.shard_numel, dtype=master_dtype, device=device)
+                for seg in self.segments_in_shard():
+                    src = self.params[seg.param_index].detach().reshape(-1)
+                    self.master[seg.shard_start : seg.shard_start + seg.length].copy_(
+                        src[seg.param_start : seg.param_start + seg.length]
+                    )
+        self._bind_views()
+
+    # -- views ------------------------------------------------------------------------------
+    def _bind_views(self) -> None:
+        for p, off, n, shape in zip(self.params, self.offsets, self.numels, self.shapes):
+            p.data = self.full[off : off + n].view(shape)
+
+    def param_view(self, full: torch.Tensor, index: int) -> torch.Tensor:
+        off, n = self.offsets[index], self.numels[index]
+        return full[off : off + n].view(self.shapes[index])
+
+    def segments_in_shard(self) -> List[Segment]:
+        """The parameter pieces this rank owns, in shard order."""
+        lo, hi = self.shard_start, self.shard_start + self.shard_numel
+        out = []
+        for i, (off, n) in enumerate(zip(self.offsets, self.numels)):
+            a, b = max(lo, off), min(hi, off + n)
+            if a < b:
+                out.append(Segment(i, a - off, a - lo, b - a))
+        return out
+
+    # -- stage 3 lifecycle ------------------------------------------------------------------
+    def detach_shard(self) -> None:
+        """Make ``shard`` its own storage and free ``full`` (entering the sharded state)."""
+        assert self.sharded and self.state is FlatState.GATHERED
+        self.shard = self.shard.clone()
+        if self.master_is_shard and self.master is not None:
+            self.master = self.shard
+        self.free_full()
+
+    def free_full(self) -> None:
+        assert self.sharded
+        self.full.untyped_storage().resize_(0)
+        self.state = FlatState.SHARDED
+
+    def alloc_full(self) -> None:
+        storage = self.full.untyped_storage()
+        nbytes = self.padded_numel * self.full.element_size()
+        if storage.nbytes() != nbytes:
+            storage.resize_(nbytes)
+
+    @property
+    def persistent_param_bytes(self) -> int:
+        n = self.shard_numel if self.sharded else self.padded_numel
+        return n * self.full.element_size()

@@ -1,0 +1,67 @@
+"""The learning-rate schedules a DeepSpeed config's ``scheduler`` section can name.
+
+Note:
+    * Each is a ``torch.optim.lr_scheduler.LambdaLR`` over the optimizer's groups, stepped once
+      per optimizer step, so its state is a plain dict (no pickle needed to checkpoint it).
+    * The multiplier is relative to each group's ``lr`` at construction; WarmupLR and
+      WarmupDecayLR express absolute rates, converted by dividing by that ``lr``.
+    * Definitions (ours, documented in docs/config.md):
+      - WarmupLR: from ``warmup_min_lr`` to ``warmup_max_lr`` over ``warmup_num_steps``
+        ("log": logarithmic in the step, "linear": linear), then constant.
+      - WarmupDecayLR: WarmupLR, then linear decay to 0 at ``total_num_steps``.
+      - WarmupCosineLR: from ``warmup_min_ratio`` x lr to lr over ``warmup_num_steps``, then a
+        cosine to ``cos_min_ratio`` x lr at ``total_num_steps``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _warmup_fraction(step: int, warmup: int, kind: str) -> float:
+    if warmup <= 0 or step >= warmup:
+        return 1.0
+    if kind == "log":
+        return math.log(step + 1) / math.log(warmup)
+    return step / warmup
+
+
+def build_scheduler(cfg, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    params = dict(cfg.params)
+    kind = cfg.type
+    warmup = int(params.get("warmup_num_steps", 1000))
+    wtype = params.get("warmup_type", "log")
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    if kind in ("WarmupLR", "WarmupDecayLR"):
+        lo = float(params.get("warmup_min_lr", 0.0))
+        hi = float(params.get("warmup_max_lr", 0.001))
+        total = int(params.get("total_num_steps", 0)) if kind == "WarmupDecayLR" else None
+        if total is not None and total <= warmup:
+            raise ValueError(f"scheduler.params.total_num_steps ({total}) must exceed warmup_num_steps ({warmup})")
+
+        def make(base):
+            def f(step):
+                lr = lo + (hi - lo) * _warmup_fraction(step, warmup, wtype)
+                if total is not None and step >= warmup:
+                    lr = hi * max(0.0, (total - step) / (total - warmup))
+                return lr / base if base else 0.0
+            return f
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, [make(b) for b in base_lrs])
+
+    if kind == "WarmupCosineLR":
+        total = int(params["total_num_steps"])
+        lo_ratio = float(params.get("warmup_min_ratio", 0.0))
+        cos_min = float(params.get("cos_min_ratio", 0.0001))
+
+        def f(step):
+            if step < warmup:
+                return lo_ratio + (1 - lo_ratio) * _warmup_fraction(step, warmup, wtype)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return cos_min + (1 - cos_min) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+    raise ValueError(f"scheduler type {kind!r} is not supported; use WarmupLR, WarmupDecayLR or WarmupCosineLR")

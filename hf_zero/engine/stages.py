@@ -1,0 +1,380 @@
+"""Per-unit runtime and the autograd/module hooks that implement ZeRO stages 0-3.
+
+Note:
+    * Gradients: a post-accumulate-grad hook on every trainable parameter adds its ``.grad``
+      into the unit's flat gradient buffer and drops ``.grad``. Stages 0 and 1 keep that buffer
+      for the whole accumulation window and reduce at the boundary (``reduce_boundary``); stages
+      2 and 3 allocate it per backward and reduce-scatter it into the rank's shard accumulator as
+      soon as the unit is done, then free it.
+    * Ordering: every rank must issue the same collectives in the same order. Units are reduced
+      in *backward order* (the reverse of this step's forward order, root last). A unit counts as
+      done when all its trainable parameters got a gradient (countdown), or when backward reaches
+      the next unit, or when backward ends, whichever comes first; reductions are always issued
+      as a prefix of the backward order. So a parameter that gets no gradient on some rank (an
+      unused MoE expert) delays its unit's reduction a little instead of hanging the job, and its
+      gradient counts as zero on that rank.
+    * Stage 3 lifecycle per unit: SHARDED -> (gather) -> GATHERED -> (release) -> SHARDED, with
+      GATHERING while a prefetch is in flight. Forward gathers each unit on entry (prefetching
+      the unit that ran next in the previous step) and releases it on exit; backward gathers on
+      the first gradient that reaches the unit's output (prefetching the next unit in backward
+      order) and releases it when backward moves past it. The root unit (embeddings, final norm,
+      head) is gathered for the whole forward and again for the whole backward.
+    * Activation checkpointing: a forward that runs inside backward (recomputation) gathers its
+      unit but never releases it; backward releases it like any other.
+    * All collectives go through :class:`~hf_zero.engine.collectives.Collectives`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .collectives import Collectives, Handle
+from .flat import FlatParam, FlatState
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _tensors_in(obj) -> List[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors_in(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors_in(o)]
+    if hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):  # dataclasses, namespaces
+        return [t for o in vars(obj).values() for t in _tensors_in(o)]
+    return []
+
+
+class Unit:
+    """One unit's flat buffers and its per-step gradient state."""
+
+    def __init__(self, index: int, name: str, module: nn.Module, is_root: bool, flats: Sequence[FlatParam]):
+        self.index = index
+        self.name = name
+        self.module = module
+        self.is_root = is_root
+        self.flats: List[FlatParam] = list(flats)
+        self.trainable: List[FlatParam] = [f for f in self.flats if f.trainable]
+        self.handles: List[Handle] = []
+        # gradients
+        self.grad_full: Dict[int, Optional[torch.Tensor]] = {}  # flat index -> full-size grad buffer
+        self.grad_shard: Dict[int, Optional[torch.Tensor]] = {}  # flat index -> shard accumulator
+        self.expected = {id(p) for f in self.trainable for p in f.params}
+        self.waiting: set = set()
+        self.reduced = False
+
+    @property
+    def state(self) -> FlatState:
+        return self.flats[0].state if self.flats else FlatState.GATHERED
+
+
+class StageRuntime:
+    """Installs the hooks for one stage and runs the unit lifecycle they drive."""
+
+    def __init__(
+        self,
+        units: Sequence[Unit],
+        comm: Collectives,
+        *,
+        stage: int,
+        comm_dtype: Optional[torch.dtype],
+        accum_dtype: Optional[torch.dtype],
+        predivide: float,
+        prefetch: bool = True,
+    ):
+        self.units = list(units)
+        self.comm = comm
+        self.stage = stage
+        self.comm_dtype = comm_dtype
+        self.accum_dtype = accum_dtype
+        self.predivide = predivide
+        self.prefetch_enabled = prefetch and stage == 3
+        self.root = next(u for u in self.units if u.is_root)
+        self._slot: Dict[int, tuple] = {}
+        for u in self.units:
+            for fi, f in enumerate(u.flats):
+                for pi, p in enumerate(f.params):
+                    self._slot[id(p)] = (u, fi, pi)
+        self._hook_handles: list = []
+        self.forward_order: List[Unit] = []
+        self.last_forward_order: List[Unit] = []
+        self.backward_order: List[Unit] = []
+        self._reduced_upto = 0
+        self._in_backward_step = False
+        self.on_backward_end: Optional[Callable[[], None]] = None
+
+    # ------------------------------------------------------------------------------ install
+    def install(self) -> None:
+        self._allocate_persistent_grads()
+        for u in self.units:
+            self._hook_handles.append(u.module.register_forward_pre_hook(self._make_pre_forward(u)))
+            self._hook_handles.append(u.module.register_forward_hook(self._make_post_forward(u)))
+            for f in u.trainable:
+                for p in f.params:
+                    self._hook_handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    def _allocate_persistent_grads(self) -> None:
+        """Stages 0-1 keep full gradient buffers, stages 2-3 shard accumulators, for good."""
+        for u in self.units:
+            for fi, f in enumerate(u.flats):
+                if not f.trainable:
+                    continue
+                if self.stage <= 1:
+                    dtype = self.accum_dtype or f.dtype
+                    u.grad_full[fi] = torch.zeros(f.padded_numel, dtype=dtype, device=f.device)
+                else:
+                    self._shard_accumulator(u, fi)
+
+    def zero_grads(self) -> None:
+        for u in self.units:
+            if self.stage <= 1:
+                for t in u.grad_full.values():
+                    t.zero_()
+                u.grad_shard.clear()  # stage 1: the boundary's reduce-scatter output
+            else:
+                u.grad_full.clear()  # per-backward buffers
+                for t in u.grad_shard.values():
+                    t.zero_()
+
+    def remove(self) -> None:
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles.clear()
+
+    # ------------------------------------------------------------------------------ gather
+    def gather(self, unit: Unit, async_op: bool = False) -> None:
+        if self.stage != 3:
+            return
+        if unit.state is FlatState.GATHERED:
+            return
+        if unit.state is FlatState.GATHERING:
+            self.wait(unit)
+            return
+        for f in unit.flats:
+            f.alloc_full()
+            with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(f.full):
+                unit.handles.append(self.comm.all_gather(f.full, f.shard, async_op=async_op))
+            f.state = FlatState.GATHERING
+        if not async_op:
+            self.wait(unit)
+
+    def wait(self, unit: Unit) -> None:
+        for h in unit.handles:
+            h.wait()
+        unit.handles.clear()
+        for f in unit.flats:
+            f.state = FlatState.GATHERED
+
+    def release(self, unit: Unit) -> None:
+        if self.stage != 3 or unit.state is FlatState.SHARDED:
+            return
+        self.wait(unit)
+        for f in unit.flats:
+            f.free_full()
+
+    def release_all(self) -> None:
+        for u in self.units:
+            self.release(u)
+
+    # ------------------------------------------------------------------------------ forward
+    def _make_pre_forward(self, unit: Unit):
+        def hook(module, args):
+            if in_backward():  # activation-checkpoint recomputation
+                self.gather(unit)
+                return None
+            if unit.is_root:
+                self.last_forward_order = self.forward_order or self.last_forward_order
+                self.forward_order = []
+            else:
+                self.forward_order.append(unit)
+            self.gather(unit)
+            if self.prefetch_enabled and not unit.is_root:
+                nxt = self._next_in(self.last_forward_order, unit)
+                if nxt is not None:
+                    self.gather(nxt, async_op=True)
+            return None
+
+        return hook
+
+    def _make_post_forward(self, unit: Unit):
+        def hook(module, args, output):
+            if in_backward():
+                # Recomputation inside backward: keep the unit gathered; its backward follows.
+                if unit is not self.root:
+                    self._register_output_hooks(unit, output)
+                return None
+            if unit.is_root:
+                for u in self.units:  # prefetched but not run this time
+                    if u is not self.root:
+                        self.release(u)
+            hooked = torch.is_grad_enabled() and self._register_output_hooks(unit, output)
+            if hooked or not (unit.is_root and torch.is_grad_enabled()):
+                self.release(unit)
+            # else: the root's outputs cannot be seen, so it stays gathered until backward ends
+            return None
+
+        return hook
+
+    def _register_output_hooks(self, unit: Unit, output) -> bool:
+        hooked = False
+        for t in _tensors_in(output):
+            if t.requires_grad:
+                t.register_hook(lambda grad, u=unit: self._pre_backward(u))
+                hooked = True
+        return hooked
+
+    @staticmethod
+    def _next_in(order: List[Unit], unit: Unit) -> Optional[Unit]:
+        for i, u in enumerate(order):
+            if u is unit:
+                return order[i + 1] if i + 1 < len(order) else None
+        return None
+
+    # ------------------------------------------------------------------------------ backward
+    def _begin_backward(self) -> None:
+        if self._in_backward_step:
+            return
+        self._in_backward_step = True
+        seen, order = set(), []
+        for u in reversed(self.forward_order):
+            if id(u) not in seen:
+                seen.add(id(u))
+                order.append(u)
+        # Units of this step that never ran go after, in module order, then the root.
+        order += [u for u in reversed(self.units) if id(u) not in seen and not u.is_root]
+        self.backward_order = order + [self.root]
+        self._reduced_upto = 0
+        for u in self.units:
+            u.waiting = set(u.expected)
+            u.reduced = False
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward_callback)
+
+    def _end_of_backward_callback(self) -> None:
+        if self.on_backward_end is not None:
+            self.on_backward_end()
+
+    def _pre_backward(self, unit: Unit) -> None:
+        self._begin_backward()
+        if unit.is_root:
+            self.gather(unit)
+            return
+        pos = self._position(unit)
+        self.flush(pos, release=True)
+        self.gather(unit)
+        if self.prefetch_enabled and pos + 1 < len(self.backward_order) - 1:
+            self.gather(self.backward_order[pos + 1], async_op=True)
+
+    def _position(self, unit: Unit) -> int:
+        for i, u in enumerate(self.backward_order):
+            if u is unit:
+                return i
+        raise RuntimeError(f"unit {unit.name} is not in this step's backward order")
+
+    def _on_grad(self, param: nn.Parameter) -> None:
+        self._begin_backward()
+        unit, fi, pi = self._slot[id(param)]
+        if unit.reduced and self.stage >= 2:
+            raise RuntimeError(
+                f"hf_zero: a gradient for {unit.flats[fi].names[pi]} arrived after its unit "
+                f"{unit.name} was reduced. The model's backward does not follow its forward "
+                "unit by unit; please report this model."
+            )
+        f = unit.flats[fi]
+        buf = unit.grad_full.get(fi)
+        if buf is None:
+            dtype = (self.comm_dtype or f.dtype) if self.stage >= 2 else (self.accum_dtype or f.dtype)
+            buf = torch.zeros(f.padded_numel, dtype=dtype, device=f.device)
+            unit.grad_full[fi] = buf
+        with torch.no_grad():
+            f.param_view(buf, pi).add_(param.grad)
+        param.grad = None
+        unit.waiting.discard(id(param))
+        # The root's parameters (head, embeddings) can be done long before the layers', so only
+        # the end of backward reduces the root.
+        if self.stage >= 2 and not unit.waiting and not unit.is_root:
+            self.flush(self._position(unit) + 1, release=False)
+
+    def flush(self, upto: int, release: bool) -> None:
+        """Reduce (stages 2-3) the units before position ``upto`` of the backward order, in
+        order; with ``release``, also free their gathered parameters (stage 3)."""
+        for i in range(self._reduced_upto, upto):
+            unit = self.backward_order[i]
+            if self.stage >= 2:
+                self.reduce_unit(unit)
+            unit.reduced = True
+        self._reduced_upto = max(self._reduced_upto, upto)
+        if release:
+            for i in range(upto):
+                u = self.backward_order[i]
+                if not u.is_root:
+                    self.release(u)
+
+    def finish_backward(self) -> None:
+        """Reduce everything not reduced yet and release every unit. Idempotent."""
+        if not self._in_backward_step:
+            return
+        self.flush(len(self.backward_order), release=True)
+        self.release_all()
+        self._in_backward_step = False
+
+    # ------------------------------------------------------------------------------ reduction
+    def _shard_accumulator(self, unit: Unit, fi: int) -> torch.Tensor:
+        acc = unit.grad_shard.get(fi)
+        if acc is None:
+            f = unit.flats[fi]
+            acc = torch.zeros(f.shard_numel, dtype=self.accum_dtype or f.dtype, device=f.device)
+            unit.grad_shard[fi] = acc
+        return acc
+
+    def _reduce_scatter_into(self, unit: Unit, fi: int, full: torch.Tensor) -> None:
+        n = self.comm.world_size
+        f = unit.flats[fi]
+        full.div_(self.predivide)
+        acc = self._shard_accumulator(unit, fi)
+        out = torch.empty(f.shard_numel, dtype=full.dtype, device=full.device)
+        self.comm.reduce_scatter(out, full)
+        post = n / self.predivide
+        if post != 1.0:
+            out.div_(post)
+        acc.add_(out)
+
+    def reduce_unit(self, unit: Unit) -> None:
+        """Stage 2/3: reduce-scatter this backward's gradients of ``unit`` into the shards."""
+        for fi, f in enumerate(unit.flats):
+            if not f.trainable:
+                continue
+            full = unit.grad_full.pop(fi, None)
+            if full is None:
+                full = torch.zeros(f.padded_numel, dtype=self.comm_dtype or f.dtype, device=f.device)
+            self._reduce_scatter_into(unit, fi, full)
+
+    def reduce_boundary(self) -> None:
+        """Stages 0-1, at the accumulation boundary: average the accumulated full gradients."""
+        n = self.comm.world_size
+        for unit in self.units:
+            for fi, f in enumerate(unit.flats):
+                if not f.trainable:
+                    continue
+                full = unit.grad_full.get(fi)
+                if full is None:
+                    full = torch.zeros(f.padded_numel, dtype=self.accum_dtype or f.dtype, device=f.device)
+                    unit.grad_full[fi] = full
+                if self.stage == 0:
+                    work = full if self.comm_dtype in (None, full.dtype) else full.to(self.comm_dtype)
+                    work.div_(self.predivide)
+                    self.comm.all_reduce(work)
+                    if n / self.predivide != 1.0:
+                        work.div_(n / self.predivide)
+                    if work is not full:
+                        full.copy_(work)
+                else:
+                    work = full if self.comm_dtype in (None, full.dtype) else full.to(self.comm_dtype)
+                    unit.grad_shard.pop(fi, None)
+                    self._reduce_scatter_into(unit, fi, work)

@@ -1,0 +1,60 @@
+"""Run a scenario function in N real processes over gloo, launched as torchrun would.
+
+Each process gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, imports
+``tests/scenarios.py`` and calls ``scenarios.<name>(payload, out_dir)``; whatever it returns is
+written to ``out_dir/rank<r>.json``. One launch per test module keeps start-up cost low.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world_size: int, scenario: str, payload: dict, out_dir: Path, timeout: float = 600.0, env=None):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "payload.json").write_text(json.dumps(payload))
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        e = dict(os.environ)
+        e.update(env or {})
+        e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                 PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), e.get("PYTHONPATH", "")]))
+        log = open(out_dir / f"rank{rank}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, str(HERE / "_worker.py"), scenario, str(out_dir)],
+                                       env=e, stdout=log, stderr=subprocess.STDOUT), log))
+    failed = []
+    try:
+        for rank, (p, log) in enumerate(procs):
+            try:
+                rc = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            if rc != 0:
+                failed.append((rank, rc))
+                break
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
+    if failed:
+        logs = "\n".join(f"--- rank {r} ---\n" + (out_dir / f"rank{r}.log").read_text()[-4000:] for r in range(world_size))
+        raise AssertionError(f"scenario {scenario} failed on rank(s) {failed}\n{logs}")
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world_size)]
