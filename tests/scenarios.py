@@ -125,3 +125,91 @@ def fp16_overflow(payload, out_dir: Path):
         record.append({"scale_after": engine.loss_scale, "changed": changed, "skipped": engine.skipped_steps,
                        "grad_norm": engine.get_global_grad_norm()})
     return record
+
+
+def several(payload, out_dir: Path):
+    """Run several scenarios in one launch: payload = {name: sub_payload}."""
+    return {name: globals()[name](sub, out_dir) for name, sub in payload.items()}
+
+
+def api(payload, out_dir: Path):
+    """initialize() as a DeepSpeed script uses it: config optimizer + scheduler + dataset."""
+    rank, world = init_distributed()
+    from torch.utils.data import TensorDataset
+
+    model = build("llama")
+    ids = torch.randint(0, 90, (64, 12), generator=torch.Generator().manual_seed(0))
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    cfg = {
+        "train_batch_size": 8 * world,
+        "gradient_accumulation_steps": 2,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": payload["stage"]},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 0.0}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3,
+                                                        "warmup_num_steps": 4, "warmup_type": "linear"}},
+    }
+    engine, optimizer, loader, sched = hf_zero.initialize(model=model, training_data=dataset, config=cfg)
+    lrs, seen = [], []
+    for batch in loader:
+        seen.append(batch["input_ids"].shape[0])
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return {
+        "micro": engine.micro_batch_size,
+        "accum": engine.gradient_accumulation_steps,
+        "steps": engine.global_steps,
+        "micro_steps": engine.micro_steps,
+        "batch_sizes": seen,
+        "lrs": lrs,
+        "optimizer": type(optimizer).__name__,
+        "betas": list(optimizer.param_groups[0]["betas"]),
+        "sched": type(sched).__name__,
+    }
+
+
+def errors(payload, out_dir: Path):
+    """Bad set-ups fail with clear messages, on every rank."""
+    rank, world = init_distributed()
+    out = {}
+
+    def attempt(name, fn):
+        try:
+            fn()
+            out[name] = None
+        except Exception as exc:  # noqa: BLE001 - the message is what we check
+            out[name] = f"{type(exc).__name__}: {exc}"
+
+    base = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}
+    attempt("batch", lambda: hf_zero.initialize(model=build("llama"), config={
+        "train_batch_size": 7, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+        "zero_optimization": {"stage": 2}, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}))
+    from transformers.optimization import Adafactor
+
+    def adafactor():
+        m = build("llama")
+        hf_zero.initialize(model=m, optimizer=Adafactor(m.parameters(), lr=1e-3, relative_step=False), config=base)
+
+    attempt("adafactor", adafactor)
+
+    class Custom(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {"lr": 0.1})
+
+        def step(self, closure=None):
+            pass
+
+    def custom(allow):
+        m = build("llama")
+        hf_zero.initialize(model=m, optimizer=Custom(m.parameters()),
+                           config=dict(base, zero_allow_untested_optimizer=allow))
+
+    attempt("untested", lambda: custom(False))
+    attempt("untested_allowed", lambda: custom(True))
+    attempt("no_optimizer", lambda: hf_zero.initialize(model=build("llama"), config=base))
+    attempt("offload", lambda: hf_zero.initialize(model=build("llama"), config={
+        **base, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+        "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}))
+    return out

@@ -61,6 +61,13 @@ class ZeroEngine:
     ):
         if config.unresolved_keys():
             raise ValueError(f"config has unresolved 'auto' values: {config.unresolved_keys()}")
+        zo = config.zero_optimization
+        for key, section in (("offload_optimizer", zo.offload_optimizer), ("offload_param", zo.offload_param)):
+            if section.enabled:
+                raise NotImplementedError(
+                    f"zero_optimization.{key}.device={section.device!r}: offload is not built yet in "
+                    f"this version of hf_zero; set it to \"none\""
+                )
         self.config = config
         self.comm = comm
         self.device = device

@@ -1,0 +1,174 @@
+"""Single-process checks of the engine's building blocks against naive references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hf_zero.engine.collectives import Collectives
+from hf_zero.engine.flat import FlatParam, padded_size
+from hf_zero.engine.optim import OptimizerNotSupported, check_elementwise, make_pieces
+from hf_zero.engine.precision import LossScaler, local_overflow
+from hf_zero.engine.units import build_units, find_layer_modules
+from hf_zero.memory import comm_bytes_per_step, model_state_bytes
+from models import build
+
+
+def _params(*shapes, requires_grad=True):
+    torch.manual_seed(0)
+    return [nn.Parameter(torch.randn(*s), requires_grad=requires_grad) for s in shapes]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_flat_layout_and_segments_match_naive_ownership(world):
+    shapes = [(3, 5), (7,), (2, 2, 2), (1,)]
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    owned = {}
+    for rank in range(world):
+        params = _params(*shapes)
+        values = [p.detach().clone() for p in params]
+        flat = FlatParam(params, [f"p{i}" for i in range(4)], dtype=torch.float32, device=torch.device("cpu"),
+                         shard_rank=rank, shard_world=world, sharded=False, alignment=4, master_dtype=torch.float32)
+        assert flat.padded_numel == padded_size(numel, 4, world) and flat.padded_numel % (4 * world) == 0
+        assert flat.full[numel:].abs().sum() == 0  # padding is zero
+        for p, v in zip(params, values):  # parameters are views with their old values
+            assert torch.equal(p, v) and p.untyped_storage().data_ptr() == flat.full.untyped_storage().data_ptr()
+        for seg in flat.segments_in_shard():
+            for k in range(seg.length):
+                key = (seg.param_index, seg.param_start + k)
+                assert key not in owned
+                owned[key] = rank
+                # naive: the owner of flat element e is e // shard_numel
+                e = flat.offsets[seg.param_index] + seg.param_start + k
+                assert e // flat.shard_numel == rank
+                assert flat.shard[seg.shard_start + k] == values[seg.param_index].reshape(-1)[seg.param_start + k]
+    assert len(owned) == numel  # every element owned exactly once
+
+
+def test_sharded_flat_frees_and_regathers():
+    params = _params((4, 4))
+    flat = FlatParam(params, ["w"], dtype=torch.float32, device=torch.device("cpu"), shard_rank=0, shard_world=1,
+                     sharded=True, alignment=4, master_dtype=torch.float32)
+    before = params[0].detach().clone()
+    flat.detach_shard()
+    assert flat.full.untyped_storage().nbytes() == 0
+    assert flat.master is flat.shard  # fp32: the master is the shard itself
+    flat.alloc_full()
+    flat.full.copy_(flat.shard)
+    assert torch.equal(params[0], before)
+
+
+def test_bf16_master_keeps_fp32_values():
+    params = _params((5,))
+    exact = params[0].detach().clone()
+    flat = FlatParam(params, ["w"], dtype=torch.bfloat16, device=torch.device("cpu"), shard_rank=0, shard_world=1,
+                     sharded=False, alignment=4, master_dtype=torch.float32)
+    assert params[0].dtype == torch.bfloat16
+    assert torch.equal(flat.master[:5], exact) and not flat.master_is_shard
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("llama", ["model.layers.0", "model.layers.1"]),
+    ("gpt2", ["transformer.h.0", "transformer.h.1"]),
+    ("mixtral", ["model.layers.0", "model.layers.1"]),
+    ("sparse_moe", ["blocks.0", "blocks.1"]),
+])
+def test_layer_units_found(name, expected):
+    model = build(name)
+    assert [n for n, _ in find_layer_modules(model)] == expected
+    units = build_units(model, find_layer_modules(model))
+    ids = [id(p) for u in units for _, p in u.params]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+def test_tied_weights_live_in_the_root_unit():
+    model = build("gpt2")
+    units = build_units(model, find_layer_modules(model))
+    root = {n for n, _ in units[0].params}
+    assert "transformer.wte.weight" in root and "lm_head.weight" not in root  # one entry, first name
+
+
+def test_weight_shared_by_two_layers_goes_to_root():
+    class Block(nn.Module):
+        def __init__(self, shared):
+            super().__init__()
+            self.shared = shared
+            self.own = nn.Linear(2, 2)
+
+    shared = nn.Linear(2, 2)
+    model = nn.Module()
+    model.blocks = nn.ModuleList([Block(shared), Block(shared)])
+    units = build_units(model, find_layer_modules(model))
+    assert {n for n, _ in units[0].params} == {"blocks.0.shared.weight", "blocks.0.shared.bias"}
+    assert all(len(u.params) == 2 for u in units[1:])
+
+
+def test_pieces_merge_runs_of_one_group():
+    master = torch.arange(10.0)
+    segs = [(0, 2, 0), (2, 3, 0), (5, 1, 1), (6, 2, None), (8, 2, 1)]
+    pieces = make_pieces(0, master, segs)
+    assert [(p.start, p.end, p.group) for p in pieces] == [(0, 5, 0), (5, 6, 1), (8, 10, 1)]
+    pieces[0].param.data.add_(100)  # pieces alias the master shard
+    assert master[0] == 100
+
+
+def test_elementwise_check():
+    p = [nn.Parameter(torch.zeros(2))]
+    for ok in (torch.optim.AdamW(p), torch.optim.SGD(p, lr=0.1, momentum=0.9), torch.optim.Adam(p)):
+        check_elementwise(ok)
+    from transformers.optimization import Adafactor
+
+    with pytest.raises(OptimizerNotSupported, match="Adafactor"):
+        check_elementwise(Adafactor(p, lr=1e-3, relative_step=False))
+    with pytest.raises(OptimizerNotSupported, match="LBFGS"):
+        check_elementwise(torch.optim.LBFGS(p))
+
+
+def test_loss_scaler_dynamic_trace():
+    s = LossScaler(8.0, dynamic=True, window=2, hysteresis=1, min_scale=1.0)
+    trace = []
+    for overflow in [False, True, False, False, True, True, True, True]:
+        s.update(overflow)
+        trace.append(s.scale)
+    # growth every 2 clean steps since the last overflow, halving on each overflow, floor 1
+    assert trace == [8.0, 4.0, 4.0, 8.0, 4.0, 2.0, 1.0, 1.0]
+
+
+def test_loss_scaler_hysteresis_spends_credit_first():
+    s = LossScaler(16.0, dynamic=True, window=1000, hysteresis=2)
+    s.update(True)
+    assert s.scale == 16.0  # first overflow uses the hysteresis credit
+    s.update(True)
+    assert s.scale == 8.0
+    static = LossScaler(128.0, dynamic=False)
+    static.update(True)
+    assert static.scale == 128.0
+
+
+def test_local_overflow():
+    assert local_overflow([torch.ones(3), torch.zeros(0)]).item() == 0.0
+    assert local_overflow([torch.ones(3), torch.tensor([float("nan")])]).item() == 1.0
+    assert local_overflow([torch.tensor([float("-inf")])]).item() == 1.0
+
+
+def test_world_of_one_collectives_copy_and_count_nothing():
+    comm = Collectives()
+    out, shard = torch.zeros(4), torch.arange(4.0)
+    comm.all_gather(out, shard)
+    assert torch.equal(out, shard)
+    comm.reduce_scatter(out, shard * 2)
+    assert torch.equal(out, shard * 2)
+    assert comm.take_totals().data == 0
+
+
+def test_memory_formulas_reproduce_the_zero_paper_7b_on_4_gpus():
+    gb = 1e9
+    psi = 7e9
+    totals = [model_state_bytes(psi, s, 4).total / gb for s in range(4)]
+    assert totals == pytest.approx([112, 49, 38.5, 28])
+    fp32 = model_state_bytes(psi, 3, 4, param_bytes=4, grad_bytes=4, master_bytes=0)
+    assert fp32.total / gb == pytest.approx(16 * 7 / 4)
+    ddp = comm_bytes_per_step(psi, 0, 8)
+    assert comm_bytes_per_step(psi, 2, 8) == pytest.approx(ddp)
+    assert comm_bytes_per_step(psi, 3, 8) == pytest.approx(1.5 * ddp)
