@@ -239,7 +239,10 @@ class Variant:
         comm = 2 * (n - 1) / n * gbytes if n > 1 else 0.0
         bucket_bytes = None
         try:  # private API; only for information
-            bucket_bytes = sum(b.numel() * b.element_size() for b in self.ddp.reducer._get_zeros_like_grad_buckets())
+            bucket_bytes = sum(
+                b.buffer().numel() * b.buffer().element_size()
+                for b in self.ddp.reducer._get_zeros_like_grad_buckets()
+            )
         except Exception:
             pass
         return {

@@ -1,15 +1,15 @@
 """Entry point of one launched test process (see launch.py)."""
 
+import importlib
 import json
 import sys
 from pathlib import Path
 
-import scenarios  # tests/ is on PYTHONPATH
-
 if __name__ == "__main__":
     name, out_dir = sys.argv[1], Path(sys.argv[2])
+    module, _, func = name.rpartition(":")  # "module:function", or a function of scenarios.py
     payload = json.loads((out_dir / "payload.json").read_text())
-    result = getattr(scenarios, name)(payload, out_dir)
+    result = getattr(importlib.import_module(module or "scenarios"), func)(payload, out_dir)
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0

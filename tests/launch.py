@@ -1,8 +1,9 @@
 """Run a scenario function in N real processes over gloo, launched as torchrun would.
 
-Each process gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, imports
-``tests/scenarios.py`` and calls ``scenarios.<name>(payload, out_dir)``; whatever it returns is
-written to ``out_dir/rank<r>.json``. One launch per test module keeps start-up cost low.
+Each process gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, imports the
+scenario (``"module:function"`` from tests/, or a function name of ``tests/scenarios.py``) and
+calls it with ``(payload, out_dir)``; whatever it returns (JSON) is written to
+``out_dir/rank<r>.json``. One launch per test module keeps start-up cost low.
 """
 
 from __future__ import annotations

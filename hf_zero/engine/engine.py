@@ -222,9 +222,10 @@ class ZeroEngine:
     def loss_scale(self) -> float:
         return self.loss_scaler.scale
 
-    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
-        """Backward of ``loss / gradient_accumulation_steps``, scaled by the loss scale."""
-        factor = self.loss_scaler.scale / self.gradient_accumulation_steps
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
+        """Backward of ``loss`` (divided by the accumulation steps unless ``scale_wrt_gas`` is
+        False), multiplied by the loss scale. Gradients accumulate until the update."""
+        factor = self.loss_scaler.scale / (self.gradient_accumulation_steps if scale_wrt_gas else 1)
         (loss.float() * factor).backward(retain_graph=retain_graph)
         self.runtime.finish_backward()
         return loss
@@ -235,6 +236,11 @@ class ZeroEngine:
         self.micro_steps += 1
         if boundary:
             self._optimizer_step()
+
+    def apply_update(self) -> None:
+        """Update the weights now from the gradients accumulated so far, whatever the micro-step
+        counter says (for integrations that track accumulation themselves, as Accelerate does)."""
+        self._optimizer_step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradient accumulators (the engine also does this after every update)."""
