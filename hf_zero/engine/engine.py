@@ -368,6 +368,28 @@ class ZeroEngine:
         self.comm.take_totals()
         return out
 
+    # ------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest: bool = True):
+        """Collective: atomic sharded checkpoint ``<save_dir>/<tag>`` (see hf_zero.checkpoint)."""
+        from ..checkpoint.sharded import save_checkpoint
+
+        return save_checkpoint(self, save_dir, tag=tag, client_state=client_state, save_latest=save_latest)
+
+    def load_checkpoint(self, load_dir, tag=None, load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = True):
+        """Collective: resume from a checkpoint of any world size and stage; returns
+        ``(checkpoint_dir, client_state)``."""
+        from ..checkpoint.sharded import load_checkpoint
+
+        return load_checkpoint(self, load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
+                               load_lr_scheduler_states=load_lr_scheduler_states)
+
+    def save_pretrained(self, out_dir, dtype=None, max_shard_size="5GB"):
+        """Collective: Hugging Face safetensors of the current weights, written by rank 0."""
+        from ..checkpoint.consolidate import save_pretrained
+
+        return save_pretrained(self, out_dir, dtype=dtype, max_shard_size=max_shard_size)
+
     def gathered_parameters(self):
         """Context manager: at stage 3, every unit gathered (e.g. for inspection or export)."""
         from contextlib import contextmanager

@@ -1,0 +1,169 @@
+"""The on-disk format of a sharded hf_zero checkpoint, and its validation.
+
+Layout of one checkpoint (``<save_dir>/<tag>/``)::
+
+    index.json                          everything but tensors (see below)
+    rank00000-of-00002.safetensors      rank 0's shards: "<flat>.master", "<flat>.state.<key>",
+    rank00001-of-00002.safetensors      "<flat>.param" (frozen), "rng.torch", "rng.cuda"
+    config.json                         the model's Hugging Face config, when it has one
+
+``<save_dir>/latest`` holds the tag of the newest complete checkpoint.
+
+Note:
+    * No pickle anywhere: tensors are safetensors, everything else JSON. Loading never runs code.
+    * ``index.json`` maps every parameter to its flat buffer and offset; a flat buffer's
+      elements ``[r*S, (r+1)*S)`` live in rank r's file (``S = shard_numel``; a flat with
+      ``shard_world`` 1 lives in rank 0's file alone). So any rank of any new world size can
+      find, and read with ``get_slice``, exactly the elements it needs.
+    * The index lists every rank file with its size and sha256; a file that is missing,
+      truncated or altered is an error that names it, raised before any state is changed.
+    * A checkpoint directory is complete iff it has ``index.json``: the index is written last,
+      inside a temporary directory that is then renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+FORMAT = "hf_zero.checkpoint/1"
+INDEX = "index.json"
+LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message names the file."""
+
+
+def rank_file(rank: int, world: int) -> str:
+    return f"rank{rank:05d}-of-{world:05d}.safetensors"
+
+
+def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class ParamEntry:
+    name: str
+    flat: str
+    offset: int
+    numel: int
+    shape: Tuple[int, ...]
+    dtype: str  # the model's compute dtype for this parameter
+    trainable: bool
+    aliases: Tuple[str, ...]
+    export_name: str
+
+
+@dataclass(frozen=True)
+class FlatEntry:
+    key: str
+    padded_numel: int
+    shard_numel: int
+    shard_world: int
+    dtype: str
+    trainable: bool
+
+
+class Index:
+    """A parsed ``index.json``."""
+
+    def __init__(self, data: dict, directory: Path):
+        self.data = data
+        self.directory = directory
+        if data.get("format") != FORMAT:
+            raise CheckpointError(
+                f"{directory / INDEX}: format {data.get('format')!r} is not {FORMAT!r}; "
+                "this is not an hf_zero checkpoint of a version this code reads"
+            )
+        self.world_size: int = data["world_size"]
+        self.stage: int = data["stage"]
+        self.flats: Dict[str, FlatEntry] = {k: FlatEntry(key=k, **v) for k, v in data["flats"].items()}
+        self.params: Dict[str, ParamEntry] = {}
+        for name, v in data["params"].items():
+            v = dict(v)
+            v["shape"] = tuple(v["shape"])
+            v["aliases"] = tuple(v["aliases"])
+            self.params[name] = ParamEntry(name=name, **v)
+        self.files: Dict[str, dict] = data["files"]
+
+    @classmethod
+    def read(cls, directory: Path) -> "Index":
+        directory = Path(directory)
+        path = directory / INDEX
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: no such checkpoint directory")
+        if not path.is_file():
+            raise CheckpointError(
+                f"{directory}: not an hf_zero checkpoint (no {INDEX}); an interrupted save leaves a "
+                "'.partial-*' directory without one, which is never loaded"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: corrupt index ({exc})") from None
+        return cls(data, directory)
+
+    def owner(self, flat: FlatEntry, element: int) -> Tuple[int, int]:
+        """(rank file, position in it) of element ``element`` of ``flat``."""
+        q = element // flat.shard_numel
+        return q, element - q * flat.shard_numel
+
+    def check_files(self, which: Optional[List[str]] = None, verify_hash: bool = True) -> None:
+        """Raise CheckpointError naming the first missing, truncated or altered file."""
+        for name, meta in self.files.items():
+            if which is not None and name not in which:
+                continue
+            path = self.directory / name
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing (the index lists it; was a rank's file lost?)")
+            size = path.stat().st_size
+            if size != meta["size"]:
+                raise CheckpointError(f"{path}: {size} bytes on disk, the index says {meta['size']} (truncated?)")
+            if verify_hash and sha256_of(path) != meta["sha256"]:
+                raise CheckpointError(f"{path}: sha256 differs from the index (the file was altered or corrupted)")
+
+
+def resolve_tag(load_dir: Path, tag: Optional[str]) -> Path:
+    """The checkpoint directory for ``tag``, or for the ``latest`` pointer, or ``load_dir``
+    itself when it is a checkpoint."""
+    load_dir = Path(load_dir)
+    if tag is not None:
+        return load_dir / tag
+    if (load_dir / INDEX).is_file():
+        return load_dir
+    latest = load_dir / LATEST
+    if latest.is_file():
+        return load_dir / latest.read_text().strip()
+    if not load_dir.exists():
+        raise CheckpointError(f"{load_dir}: no such directory")
+    raise CheckpointError(f"{load_dir}: neither a checkpoint ({INDEX}) nor a directory of them ({LATEST} pointer)")

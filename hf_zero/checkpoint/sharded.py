@@ -1,0 +1,466 @@
+"""Save and resume an engine's sharded state, at any world size and stage.
+
+Note:
+    * Save is atomic: all ranks write into ``<save_dir>/.partial-<tag>``, rank 0 writes the
+      index last, renames the directory to ``<tag>`` and only then moves the ``latest`` pointer.
+      A crash at any point leaves the previous checkpoint and pointer untouched.
+    * What is saved: the fp32 master shards, the element-wise optimizer states laid out like the
+      master (padding zero), frozen parameters (their only copy at stage 3), the optimizer's
+      scalar states and group options, the LR scheduler, the loss scaler, the step counters, RNG
+      states per rank and the caller's ``client_state`` (JSON).
+    * Resume reads, on each rank, only the slices its new shards need (``safe_open`` +
+      ``get_slice``), so no rank ever holds more than its own shard plus one slice, and no
+      conversion step exists between world sizes or stages. All files are validated (sizes and
+      sha256, split across ranks) before any state is changed.
+    * RNG states are restored only at the same world size (elsewhere there is no meaningful
+      mapping); resuming at another size says so in the returned info.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .format import (
+    FORMAT,
+    INDEX,
+    LATEST,
+    CheckpointError,
+    Index,
+    fsync_path,
+    rank_file,
+    resolve_tag,
+    sha256_of,
+    write_json_atomic,
+)
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def name_dtype(name: str) -> torch.dtype:
+    return _NAME_DTYPES.get(name) or getattr(torch, name)
+
+
+def _flat_key(unit_index: int, flat_index: int) -> str:
+    return f"u{unit_index}.f{flat_index}"
+
+
+def _json_safe(obj):
+    """Plain JSON values from a state dict (tensors become lists); refuses anything else."""
+    if isinstance(obj, torch.Tensor):
+        return {"__tensor__": obj.tolist(), "dtype": dtype_name(obj.dtype)}
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if callable(obj):
+        return None  # e.g. LambdaLR's lambdas: rebuilt by the code, not stored
+    raise CheckpointError(f"cannot store a {type(obj).__name__} in a checkpoint without pickle: {obj!r}")
+
+
+def _from_json(obj):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return torch.tensor(obj["__tensor__"], dtype=name_dtype(obj["dtype"]))
+        return {k: _from_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_json(v) for v in obj]
+    return obj
+
+
+def _export_names(module: torch.nn.Module) -> Dict[int, Tuple[str, List[str]]]:
+    """id(param) -> (name to export under, all names). Tied weights export under the name that
+    ``save_pretrained`` keeps (the tie's source), so ``from_pretrained`` re-ties them."""
+    names: Dict[int, List[str]] = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    tied = getattr(module, "_tied_weights_keys", None) or {}
+    targets = set(tied.keys()) if isinstance(tied, dict) else set()
+    out = {}
+    for key, all_names in names.items():
+        keep = [n for n in all_names if n not in targets] or all_names
+        out[key] = (keep[0], all_names)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- save
+def _rank_tensors(engine) -> Dict[str, torch.Tensor]:
+    """This rank's tensors: master, element-wise optimizer states, frozen params, RNG."""
+    out: Dict[str, torch.Tensor] = {}
+    pieces_by_flat: Dict[int, list] = {}
+    for piece in engine.pieces:
+        pieces_by_flat.setdefault(piece.flat_index, []).append(piece)
+    trainable_index = {id(f): i for i, f in enumerate(engine._trainable_flats)}
+    for u in engine.units:
+        for fi, f in enumerate(u.flats):
+            key = _flat_key(u.index, fi)
+            if f.shard_world == 1 and engine.rank != 0:
+                continue  # stage 0: rank 0's copy is the checkpoint
+            if not f.trainable:
+                out[f"{key}.param"] = f.shard.detach().cpu().contiguous()
+                continue
+            out[f"{key}.master"] = f.master.detach().float().cpu().contiguous()
+            for piece in pieces_by_flat.get(trainable_index[id(f)], []):
+                for skey, value in engine.optimizer.state.get(piece.param, {}).items():
+                    if not torch.is_tensor(value) or value.dim() == 0:
+                        continue
+                    if value.numel() != piece.end - piece.start:
+                        raise CheckpointError(
+                            f"optimizer state {skey!r} has {value.numel()} elements for a piece of "
+                            f"{piece.end - piece.start}: the optimizer is not element-wise"
+                        )
+                    name = f"{key}.state.{skey}"
+                    if name not in out:
+                        out[name] = torch.zeros(f.shard_numel, dtype=value.dtype)
+                    out[name][piece.start : piece.end] = value.detach().reshape(-1).cpu()
+    out["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and engine.device.type == "cuda":
+        out["rng.cuda"] = torch.cuda.get_rng_state(engine.device)
+    return out
+
+
+def _scalar_states(engine) -> List[Dict[str, float]]:
+    """Per param group, the optimizer's 0-d states (e.g. Adam's ``step``)."""
+    out: List[Dict[str, float]] = [{} for _ in engine.optimizer.param_groups]
+    for piece in engine.pieces:
+        for skey, value in engine.optimizer.state.get(piece.param, {}).items():
+            if torch.is_tensor(value) and value.dim() == 0:
+                out[piece.group].setdefault(skey, float(value))
+            elif isinstance(value, (int, float)):
+                out[piece.group].setdefault(skey, float(value))
+    return out
+
+
+def _layout(engine) -> Tuple[dict, dict]:
+    export = _export_names(engine.module)
+    flats, params = {}, {}
+    for u in engine.units:
+        for fi, f in enumerate(u.flats):
+            key = _flat_key(u.index, fi)
+            flats[key] = {
+                "padded_numel": f.padded_numel,
+                "shard_numel": f.shard_numel,
+                "shard_world": f.shard_world,
+                "dtype": dtype_name(f.dtype),
+                "trainable": f.trainable,
+            }
+            for i, (name, p) in enumerate(zip(f.names, f.params)):
+                export_name, aliases = export.get(id(p), (name, [name]))
+                params[name] = {
+                    "flat": key,
+                    "offset": f.offsets[i],
+                    "numel": f.numels[i],
+                    "shape": list(f.shapes[i]),
+                    "dtype": dtype_name(f.dtype),
+                    "trainable": f.trainable,
+                    "aliases": aliases,
+                    "export_name": export_name,
+                }
+    return flats, params
+
+
+def _persistent_buffers(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    keys = set(module.state_dict(keep_vars=True).keys())
+    return {n: b.detach().cpu().contiguous() for n, b in module.named_buffers() if n in keys}
+
+
+def _python_rng() -> dict:
+    version, state, gauss = random.getstate()
+    rng = {"python": [version, list(state), gauss]}
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        rng["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    except ImportError:  # pragma: no cover - numpy is a torch dependency in practice
+        pass
+    return rng
+
+
+def _gather_objects(engine, obj) -> List[Any]:
+    if engine.world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * engine.world_size
+    dist.all_gather_object(out, obj)  # in-memory transport only; nothing pickled reaches disk
+    return out
+
+
+def save_checkpoint(engine, save_dir, tag: Optional[str] = None, client_state: Optional[dict] = None,
+                    save_latest: bool = True) -> Path:
+    """Collective: write this engine's state as ``<save_dir>/<tag>`` and point ``latest`` at it."""
+    save_dir = Path(save_dir)
+    tag = tag or f"global_step{engine.global_steps}"
+    if "/" in tag or tag.startswith("."):
+        raise CheckpointError(f"checkpoint tag {tag!r} must be a plain directory name")
+    client_json = _json_safe(client_state or {})  # fail before writing anything
+    final = save_dir / tag
+    partial = save_dir / f".partial-{tag}"
+    if engine.rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if partial.exists():
+            shutil.rmtree(partial)  # left by an earlier crash
+        partial.mkdir()
+    engine.comm.barrier()
+
+    # 1. every rank writes its own file
+    tensors = _rank_tensors(engine)
+    if engine.rank == 0:
+        for name, b in _persistent_buffers(engine.module).items():
+            tensors[f"buffer.{name}"] = b
+    fname = rank_file(engine.rank, engine.world_size)
+    _write_rank_file(partial / fname, tensors)
+    meta = {"file": fname, "size": (partial / fname).stat().st_size, "sha256": sha256_of(partial / fname),
+            "rng": _python_rng(), "scalar_states": _scalar_states(engine)}
+    metas = _gather_objects(engine, meta)
+
+    # 2. rank 0 writes the index, then publishes the directory
+    if engine.rank == 0:
+        flats, params = _layout(engine)
+        sched = engine.lr_scheduler
+        index = {
+            "format": FORMAT,
+            "stage": engine.stage,
+            "world_size": engine.world_size,
+            "global_steps": engine.global_steps,
+            "micro_steps": engine.micro_steps,
+            "skipped_steps": engine.skipped_steps,
+            "compute_dtype": dtype_name(engine.compute_dtype),
+            "flats": flats,
+            "params": params,
+            "buffers": sorted(_persistent_buffers(engine.module)),
+            "files": {m["file"]: {"size": m["size"], "sha256": m["sha256"]} for m in metas},
+            "rng": [m["rng"] for m in metas],
+            "optimizer": {
+                "class": type(engine.optimizer).__name__,
+                "param_groups": [_json_safe({k: v for k, v in g.items() if k != "params"})
+                                 for g in engine.optimizer.param_groups],
+                # a rank may hold no piece of some group: merge what every rank saw
+                "scalar_states": [
+                    {k: v for m in metas for k, v in m["scalar_states"][g].items()}
+                    for g in range(len(engine.optimizer.param_groups))
+                ],
+            },
+            "lr_scheduler": _json_safe(sched.state_dict()) if sched is not None and hasattr(sched, "state_dict") else None,
+            "loss_scaler": engine.loss_scaler.state_dict(),
+            "client_state": client_json,
+            "zero_config": engine.config.to_dict(),
+        }
+        config = getattr(engine.module, "config", None)
+        if config is not None and hasattr(config, "to_json_file"):
+            config.to_json_file(str(partial / "config.json"))
+        write_json_atomic(partial / INDEX, index)
+        fsync_path(partial)
+        old = save_dir / f".old-{tag}"
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(final, old)
+        os.rename(partial, final)
+        if old.exists():
+            shutil.rmtree(old)
+        fsync_path(save_dir)
+        if save_latest:
+            (save_dir / f".{LATEST}.tmp").write_text(tag)
+            os.replace(save_dir / f".{LATEST}.tmp", save_dir / LATEST)
+            fsync_path(save_dir)
+    engine.comm.barrier()
+    return final
+
+
+def _write_rank_file(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
+    save_file(tensors, str(path), metadata={"format": FORMAT})
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------- load
+class _SliceReader:
+    """Reads element ranges of named 1-D tensors from the rank files, opening each file once."""
+
+    def __init__(self, index: Index):
+        self.index = index
+        self._files: Dict[int, Any] = {}
+
+    def _file(self, rank: int):
+        if rank not in self._files:
+            name = rank_file(rank, self.index.world_size)
+            path = self.index.directory / name
+            try:
+                self._files[rank] = safe_open(str(path), framework="pt")
+            except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+                raise CheckpointError(f"{path}: cannot be read as safetensors ({exc})") from None
+        return self._files[rank]
+
+    def has(self, rank: int, key: str) -> bool:
+        return key in self._file(rank).keys()
+
+    def read(self, flat_key: str, kind: str, start: int, length: int, out: torch.Tensor) -> None:
+        """Copy elements ``[start, start + length)`` of ``<flat>.<kind>`` into ``out``."""
+        flat = self.index.flats[flat_key]
+        done = 0
+        while done < length:
+            rank, local = self.index.owner(flat, start + done)
+            n = min(length - done, flat.shard_numel - local)
+            key = f"{flat_key}.{kind}"
+            f = self._file(rank)
+            if key not in f.keys():
+                raise CheckpointError(f"{self.index.directory / rank_file(rank, self.index.world_size)}: no tensor {key!r}")
+            out[done : done + n].copy_(f.get_slice(key)[local : local + n])
+            done += n
+
+
+def _check_model_matches(engine, index: Index) -> None:
+    ours = {}
+    for u in engine.units:
+        for f in u.flats:
+            for i, name in enumerate(f.names):
+                ours[name] = (f.shapes[i], f.trainable)
+    where = index.directory / INDEX
+    missing = sorted(set(ours) - set(index.params))
+    extra = sorted(set(index.params) - set(ours))
+    if missing or extra:
+        raise CheckpointError(
+            f"{where}: the checkpoint is of another model: {len(missing)} parameter(s) of this model are "
+            f"not in it (e.g. {missing[:3]}), {len(extra)} of its are not in this model (e.g. {extra[:3]})"
+        )
+    for name, (shape, trainable) in ours.items():
+        entry = index.params[name]
+        if tuple(entry.shape) != tuple(shape):
+            raise CheckpointError(f"{where}: {name} has shape {list(entry.shape)} there, {list(shape)} here")
+
+
+def load_checkpoint(engine, load_dir, tag: Optional[str] = None, load_optimizer_states: bool = True,
+                    load_lr_scheduler_states: bool = True, verify: bool = True) -> Tuple[Path, dict]:
+    """Collective: restore ``engine`` from a checkpoint written at any world size and stage.
+
+    Returns ``(checkpoint_dir, client_state)``.
+    """
+    directory = resolve_tag(Path(load_dir), tag)
+    index = Index.read(directory)
+    _check_model_matches(engine, index)
+
+    # Validate every file before touching any state; the work is split across ranks.
+    error = ""
+    try:
+        names = sorted(index.files)
+        mine = [n for i, n in enumerate(names) if i % engine.world_size == engine.rank]
+        index.check_files(mine, verify_hash=verify)
+        index.check_files(names, verify_hash=False)  # presence and sizes: cheap, everywhere
+    except CheckpointError as exc:
+        error = str(exc)
+    errors = [e for e in _gather_objects(engine, error) if e]
+    if errors:
+        raise CheckpointError(errors[0])
+
+    reader = _SliceReader(index)
+    scalar = index.data["optimizer"]["scalar_states"]
+    trainable_index = {id(f): i for i, f in enumerate(engine._trainable_flats)}
+    pieces_by_flat: Dict[int, list] = {}
+    for piece in engine.pieces:
+        pieces_by_flat.setdefault(piece.flat_index, []).append(piece)
+    new_state: Dict[Any, dict] = {}
+    with torch.no_grad():
+        for u in engine.units:
+            for f in u.flats:
+                segs = f.segments_in_shard()
+                if not f.trainable:
+                    buf = torch.zeros(f.shard_numel, dtype=torch.float32)
+                    for s in segs:
+                        e = index.params[f.names[s.param_index]]
+                        kind = "param" if not e.trainable else "master"
+                        reader.read(e.flat, kind, e.offset + s.param_start, s.length,
+                                    buf[s.shard_start : s.shard_start + s.length])
+                    f.shard.copy_(buf.to(f.shard.device, f.shard.dtype))
+                    _refresh_full(engine, f)
+                    continue
+                master = torch.zeros(f.shard_numel, dtype=torch.float32)
+                states: Dict[str, torch.Tensor] = {}
+                for s in segs:
+                    e = index.params[f.names[s.param_index]]
+                    sl = slice(s.shard_start, s.shard_start + s.length)
+                    kind = "master" if e.trainable else "param"
+                    reader.read(e.flat, kind, e.offset + s.param_start, s.length, master[sl])
+                    if load_optimizer_states and e.trainable:
+                        for skey in _state_keys(reader, index, e.flat):
+                            if skey not in states:
+                                states[skey] = torch.zeros(f.shard_numel, dtype=torch.float32)
+                            reader.read(e.flat, f"state.{skey}", e.offset + s.param_start, s.length, states[skey][sl])
+                f.master.copy_(master.to(f.master.device))
+                if not f.master_is_shard:
+                    f.shard.copy_(f.master)
+                _refresh_full(engine, f)
+                for piece in pieces_by_flat.get(trainable_index[id(f)], []):
+                    st = {k: v[piece.start : piece.end].clone().to(f.master.device) for k, v in states.items()}
+                    if st or scalar[piece.group]:
+                        for k, v in scalar[piece.group].items():
+                            st[k] = torch.tensor(v, dtype=torch.float32)
+                        new_state[piece.param] = st
+        if load_optimizer_states:
+            engine.optimizer.state.clear()
+            for p, st in new_state.items():
+                engine.optimizer.state[p] = st
+            for group, saved in zip(engine.optimizer.param_groups, index.data["optimizer"]["param_groups"]):
+                for k, v in _from_json(saved).items():
+                    group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
+        for name in index.data.get("buffers", []):
+            buf = dict(engine.module.named_buffers()).get(name)
+            if buf is not None:
+                buf.copy_(reader._file(0).get_tensor(f"buffer.{name}").to(buf.device, buf.dtype))
+
+    sched_state = index.data.get("lr_scheduler")
+    if load_lr_scheduler_states and sched_state is not None and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(_from_json(sched_state))
+    engine.loss_scaler.load_state_dict(index.data["loss_scaler"])
+    engine.global_steps = index.data["global_steps"]
+    engine.micro_steps = index.data["micro_steps"]
+    engine.skipped_steps = index.data["skipped_steps"]
+    engine.zero_grad()
+    if index.world_size == engine.world_size:
+        _restore_rng(reader, index, engine)
+    engine.comm.barrier()
+    return directory, _from_json(index.data.get("client_state") or {})
+
+
+def _state_keys(reader: _SliceReader, index: Index, flat_key: str) -> List[str]:
+    keys = reader._file(0).keys()  # rank 0 owns the first elements of every flat, so has every key
+    prefix = f"{flat_key}.state."
+    return sorted(k[len(prefix):] for k in keys if k.startswith(prefix))
+
+
+def _refresh_full(engine, f) -> None:
+    """After a shard changed: stages 1-2 re-gather the full parameters (stage 0 holds them all,
+    stage 3 gathers on demand)."""
+    if engine.stage in (1, 2):
+        engine.comm.all_gather(f.full, f.shard)
+
+
+def _restore_rng(reader: _SliceReader, index: Index, engine) -> None:
+    f = reader._file(engine.rank)
+    torch.set_rng_state(f.get_tensor("rng.torch"))
+    if "rng.cuda" in f.keys() and torch.cuda.is_available() and engine.device.type == "cuda":
+        torch.cuda.set_rng_state(f.get_tensor("rng.cuda"), engine.device)
+    rng = index.data["rng"][engine.rank]
+    version, state, gauss = rng["python"]
+    random.setstate((version, tuple(state), gauss))
+    if "numpy" in rng:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))

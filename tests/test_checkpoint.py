@@ -1,0 +1,240 @@
+"""Sharded checkpoints: exact resume at the same and other world sizes and stages, atomic save,
+Hugging Face export, and bad input. Real gloo processes; the losses of a run that never stopped
+are the reference."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hf_zero
+from hf_zero.checkpoint import CheckpointError, consolidate
+from hf_zero.checkpoint.format import Index, resolve_tag
+from launch import launch
+from models import batches, build
+
+S = "checkpoint_scenarios:train"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    ck = root / "ckpt"
+    out = {}
+    out["full"] = launch(2, S, {"stage": 2, "start": 0, "stop": 6}, root / "l_full")[0]
+    out["part1"] = launch(2, S, {"stage": 2, "start": 0, "stop": 3, "save": str(ck), "export": str(root / "live")},
+                          root / "l_p1")[0]
+    out["same"] = launch(2, S, {"stage": 2, "start": 3, "stop": 6, "load": str(ck)}, root / "l_same")[0]
+    out["2to3_stage3"] = launch(3, S, {"stage": 3, "start": 3, "stop": 6, "load": str(ck)}, root / "l_23")[0]
+    out["2to1_stage1"] = launch(1, S, {"stage": 1, "start": 3, "stop": 6, "load": str(ck)}, root / "l_21")[0]
+    # 2 -> 3 (stage 1) saving at step 4, then 3 -> 2 (stage 3)
+    ck2 = root / "ckpt2"
+    out["3_stage1"] = launch(3, S, {"stage": 1, "start": 3, "stop": 4, "load": str(ck), "save": str(ck2)}, root / "l_31")[0]
+    out["3to2_stage3"] = launch(2, S, {"stage": 3, "start": 4, "stop": 6, "load": str(ck2)}, root / "l_32")[0]
+    # stage 0 checkpoints (one copy on rank 0) load at stage 2
+    ck0 = root / "ckpt0"
+    launch(2, S, {"stage": 0, "start": 0, "stop": 3, "save": str(ck0)}, root / "l_s0")
+    out["0to2"] = launch(2, S, {"stage": 2, "start": 3, "stop": 6, "load": str(ck0)}, root / "l_0to2")[0]
+    # a rank dies in the middle of saving step 4: step 3 must stay the checkpoint
+    with pytest.raises(AssertionError, match="failed"):
+        launch(2, S, {"stage": 2, "start": 3, "stop": 4, "load": str(ck), "save": str(ck), "crash_rank": 1},
+               root / "l_crash")
+    return root, out
+
+
+def test_resume_same_world_is_exact(runs):
+    _, out = runs
+    assert out["part1"]["losses"] + out["same"]["losses"] == out["full"]["losses"]
+    assert out["same"]["client_state"] == {"epoch": 1, "note": "resume me"}
+    assert out["same"]["lr"] == out["full"]["lr"]  # the scheduler resumed too
+
+
+@pytest.mark.parametrize("name", ["2to3_stage3", "2to1_stage1", "0to2"])
+def test_resume_other_world_and_stage(runs, name):
+    _, out = runs
+    # the same global batch split differently: equal up to summation order
+    assert out[name]["losses"] == pytest.approx(out["full"]["losses"][3:], abs=2e-5)
+    assert out[name]["lr"] == out["full"]["lr"]
+
+
+def test_resume_chain_3_to_2(runs):
+    _, out = runs
+    assert out["3_stage1"]["losses"] + out["3to2_stage3"]["losses"] == pytest.approx(out["full"]["losses"][3:], abs=2e-5)
+
+
+def test_crash_during_save_keeps_previous_checkpoint(runs):
+    root, _ = runs
+    ck = root / "ckpt"
+    assert (ck / "latest").read_text() == "global_step3"
+    assert (ck / ".partial-global_step4").is_dir() and not (ck / "global_step4").exists()
+    with pytest.raises(CheckpointError, match="not an hf_zero checkpoint"):
+        Index.read(ck / ".partial-global_step4")
+    index = Index.read(resolve_tag(ck, None))
+    index.check_files()  # every file intact
+    assert index.data["global_steps"] == 3 and index.world_size == 2
+
+
+def test_index_describes_every_parameter(runs):
+    root, _ = runs
+    index = Index.read(root / "ckpt" / "global_step3")
+    model = build("llama")
+    assert set(index.params) == {n for n, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        assert tuple(index.params[name].shape) == tuple(p.shape)
+    # no pickle: every file is JSON or safetensors
+    for f in (root / "ckpt" / "global_step3").iterdir():
+        assert f.suffix in (".json", ".safetensors"), f
+
+
+def _logits(model_dir_or_model, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = model_dir_or_model
+    if not isinstance(model, torch.nn.Module):
+        model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_consolidated_logits_equal_live_model(runs, tmp_path):
+    root, _ = runs
+    ids = batches(1, 1, 1)[0][0][0]["input_ids"]
+    reference = build("llama")
+    reference.load_state_dict(load_file(str(root / "live" / "reference_full.safetensors")))
+    want = _logits(reference, ids)
+    # offline, single file and sharded
+    consolidate(root / "ckpt", tmp_path / "one", progress=False)
+    files = consolidate(root / "ckpt", tmp_path / "many", max_shard_size="40KB", progress=False)
+    assert len(files) > 1 and (tmp_path / "many" / "model.safetensors.index.json").is_file()
+    for d in (tmp_path / "one", tmp_path / "many", root / "live"):
+        torch.testing.assert_close(_logits(d, ids), want, atol=1e-5, rtol=0)
+    # bf16 export
+    consolidate(root / "ckpt", tmp_path / "bf16", dtype="bf16", progress=False)
+    sd = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in sd.values())
+
+
+def test_cli_consolidate(runs, tmp_path):
+    root, _ = runs
+    cmd = [sys.executable, "-m", "hf_zero.cli", "consolidate", str(root / "ckpt"), str(tmp_path / "out"),
+           "--max-shard-size", "100KB", "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "wrote" in res.stdout and (tmp_path / "out" / "config.json").is_file()
+    bad = subprocess.run([sys.executable, "-m", "hf_zero.cli", "consolidate", str(tmp_path / "nope"), str(tmp_path / "o")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "no such directory" in bad.stderr
+
+
+# ---------------------------------------------------------------------- single process, bad input
+def _engine(name="llama", stage=2):
+    model = build(name)
+    engine, *_ = hf_zero.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                    config={"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}})
+    data = batches(2, 1, 1)
+    for step in data:
+        loss = engine(**step[0][0]).loss
+        engine.backward(loss)
+        engine.step()
+    return engine
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    engine = _engine()
+    path = engine.save_checkpoint(tmp_path / "ck")
+    return engine, path
+
+
+def _assert_untouched(engine, before):
+    after = engine.full_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_tied_gpt2_roundtrip(tmp_path):
+    engine = _engine("gpt2", stage=3)
+    engine.save_checkpoint(tmp_path / "ck")
+    consolidate(tmp_path / "ck", tmp_path / "hf", progress=False)
+    keys = load_file(str(tmp_path / "hf" / "model.safetensors")).keys()
+    assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys  # written once
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    sd = engine.full_state_dict()
+    torch.testing.assert_close(model.lm_head.weight, sd["lm_head.weight"])
+
+
+def test_truncated_shard(saved):
+    engine, path = saved
+    f = next(path.glob("rank*.safetensors"))
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size - 100)
+    before = engine.full_state_dict()
+    with pytest.raises(CheckpointError, match=f"{f.name}.*truncated"):
+        engine.load_checkpoint(path.parent)
+    _assert_untouched(engine, before)
+
+
+def test_corrupted_shard(saved):
+    engine, path = saved
+    f = next(path.glob("rank*.safetensors"))
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    before = engine.full_state_dict()
+    with pytest.raises(CheckpointError, match=f"{f.name}.*sha256"):
+        engine.load_checkpoint(path.parent)
+    _assert_untouched(engine, before)
+
+
+def test_missing_rank_file(saved):
+    engine, path = saved
+    f = next(path.glob("rank*.safetensors"))
+    f.unlink()
+    with pytest.raises(CheckpointError, match=f"{f.name}.*missing"):
+        engine.load_checkpoint(path.parent)
+
+
+def test_index_from_another_model(saved, tmp_path):
+    engine, path = saved
+    other = _engine("gpt2")
+    before = other.full_state_dict()
+    with pytest.raises(CheckpointError, match="index.json.*another model"):
+        other.load_checkpoint(path.parent)
+    _assert_untouched(other, before)
+
+
+def test_not_a_checkpoint(tmp_path):
+    engine = _engine()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither a checkpoint"):
+        engine.load_checkpoint(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="no such"):
+        engine.load_checkpoint(tmp_path / "absent")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt index"):
+        engine.load_checkpoint(tmp_path / "bad")
+
+
+def test_unstorable_client_state_fails_before_writing(tmp_path):
+    engine = _engine()
+    with pytest.raises(CheckpointError, match="without pickle"):
+        engine.save_checkpoint(tmp_path / "ck", client_state={"thing": object()})
+    assert not (tmp_path / "ck").exists()
+
+
+def test_resave_same_tag_replaces_atomically(saved):
+    engine, path = saved
+    engine.save_checkpoint(path.parent, tag=path.name)
+    Index.read(path).check_files()
+    assert not any(p.name.startswith((".old", ".partial")) for p in path.parent.iterdir())
