@@ -1,6 +1,9 @@
 """The ``hf-zero`` command.
 
-Subcommands: ``consolidate`` (sharded checkpoint -> Hugging Face safetensors).
+Subcommands: ``consolidate`` (sharded checkpoint -> Hugging Face safetensors), ``estimate``
+(memory per GPU / node for every stage and offload), ``plan`` (the least-sharded setup that fits,
+written as a ZeRO JSON), ``train`` (run a recipe under the current launcher), ``recipes`` (list
+and validate the recipes).
 """
 
 from __future__ import annotations
@@ -24,6 +27,115 @@ def _consolidate(args) -> int:
     return 0
 
 
+def _activation_spec(args):
+    from .estimate import ActivationSpec
+
+    if args.no_activations:
+        return None
+    return ActivationSpec(seq_len=args.seq_len, micro_batch=args.micro_batch, recompute=not args.no_recompute,
+                          attention=args.attention)
+
+
+def _shape(args):
+    from .estimate import EstimateError, resolve_model
+    from .recipes import RecipeError
+
+    try:
+        return resolve_model(args.model)
+    except (EstimateError, RecipeError) as exc:
+        print(f"hf-zero {args.command}: error: {exc}", file=sys.stderr)
+        return None
+
+
+def _estimate(args) -> int:
+    from .estimate import as_json, estimate_all, format_table
+
+    shape = _shape(args)
+    if shape is None:
+        return 2
+    spec = _activation_spec(args)
+    rows = estimate_all(shape, args.gpus, args.nodes, spec=spec, dtype=args.dtype)
+    if args.json:
+        print(as_json(shape, rows, spec))
+    else:
+        print(format_table(shape, args.gpus * args.nodes, args.gpus, rows, spec))
+    return 0
+
+
+def _plan(args) -> int:
+    import json
+
+    from .estimate import GB, plan
+
+    shape = _shape(args)
+    if shape is None:
+        return 2
+    p = plan(shape, args.gpus, args.gpu_memory, args.nodes, cpu_memory_gb=args.cpu_memory,
+             activations=_activation_spec(args), dtype=args.dtype)
+    cfg = p.zero_config(nvme_path=args.nvme_path)
+    if args.json:
+        print(json.dumps({"setup": p.setup.label, "fits": p.fits, "per_gpu_gb": p.estimate.gpu_total / GB,
+                          "reasons": p.reasons, "zero_config": cfg}, indent=2))
+    else:
+        print(f"model: {shape.name} ({shape.num_params / 1e9:.3f}B parameters), {args.nodes} node(s) x {args.gpus} "
+              f"GPU(s) of {args.gpu_memory:g} GB")
+        print(f"recommended: {p.setup.label}" + ("" if p.fits else "  (DOES NOT FIT)"))
+        for r in p.reasons:
+            print(f"  - {r}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(cfg, fh, indent=2)
+            fh.write("\n")
+        if not args.json:
+            print(f"wrote {args.out}")
+    return 0 if p.fits else 1
+
+
+def _train(args) -> int:
+    from .config import ConfigError
+    from .recipes import RecipeError, run
+
+    try:
+        run(args.recipe, args.overrides, smoke=args.smoke, output_dir=args.output_dir)
+    except (RecipeError, ConfigError) as exc:
+        print(f"hf-zero train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _recipes(args) -> int:
+    from .estimate import GB
+    from .recipes import list_recipes, load_recipe, validate
+
+    bad = 0
+    names = args.names or list_recipes()
+    for name in names:
+        v = validate(load_recipe(name))
+        status = "ok" if v.ok else "INVALID"
+        est = f"{v.estimate.gpu_total / GB:.1f} GB per {'process' if v.recipe.on_cpu else 'GPU'}" if v.estimate else "-"
+        print(f"{name:<28} {status:<8} {v.estimate.setup.label if v.estimate else '-':<30} {est}")
+        for msg in v.errors:
+            print(f"    error: {msg}")
+        for msg in v.warnings:
+            print(f"    warning: {msg}")
+        bad += not v.ok
+    return 1 if bad else 0
+
+
+def _add_model_args(p):
+    p.add_argument("model", metavar="MODEL_OR_CONFIG",
+                   help="a recipe name/path, a config.json or model directory, a cached hub id, or a count (7B)")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs (ranks) per node")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="training precision")
+    p.add_argument("--seq-len", type=int, default=2048, help="activation estimate: tokens per sample")
+    p.add_argument("--micro-batch", type=int, default=1, help="activation estimate: samples per micro-step")
+    p.add_argument("--no-recompute", action="store_true", help="activation estimate without recomputation")
+    p.add_argument("--attention", choices=["sdpa", "flash", "eager"], default="sdpa")
+    p.add_argument("--no-activations", action="store_true", help="model states only")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-zero", description="ZeRO training tools for Hugging Face models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,11 +148,41 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-shard-size", default="5GB", help="largest output file, e.g. 5GB or 500MB")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_consolidate)
+
+    e = sub.add_parser("estimate", help="memory per GPU and per node for each stage, with and without offload")
+    _add_model_args(e)
+    e.set_defaults(func=_estimate)
+
+    p = sub.add_parser("plan", help="recommend the least-sharded setup that fits and write its ZeRO JSON")
+    _add_model_args(p)
+    p.add_argument("--gpu-memory", type=float, required=True, help="memory of one GPU, GB")
+    p.add_argument("--cpu-memory", type=float, default=None, help="host memory per node, GB (checks CPU offload)")
+    p.add_argument("--nvme-path", default="/local_nvme", help="nvme_path written when NVMe offload is chosen")
+    p.add_argument("--out", default=None, help="write the ZeRO JSON here")
+    p.set_defaults(func=_plan)
+
+    t = sub.add_parser("train", help="run a recipe under the current launcher (torchrun / accelerate launch)")
+    t.add_argument("recipe", help="a recipe name (see `hf-zero recipes`) or directory")
+    t.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="TrainingArguments fields, or zero.<dotted.key> for the ZeRO config")
+    t.add_argument("--smoke", action="store_true",
+                   help="same model class and ZeRO config, tiny random model and local data: seconds on a CPU")
+    t.add_argument("--output-dir", default=None, help="default: runs/<recipe>")
+    t.set_defaults(func=_train)
+
+    r = sub.add_parser("recipes", help="list the recipes and validate them (config, batch, memory)")
+    r.add_argument("names", nargs="*")
+    r.set_defaults(func=_recipes)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may follow the options of `train`
+        if getattr(args, "command", None) != "train" or any("=" not in x or x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     return args.func(args)
 
 

@@ -88,7 +88,16 @@ def machine_info() -> dict:
     import torch
     import transformers
 
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
     return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "hf_zero_uncommitted_changes": bool(git("status", "--porcelain", "--", "hf_zero")),
         "cpu_model": model,
         "logical_cpus": os.cpu_count(),
         "usable_cpus": usable,
@@ -273,11 +282,14 @@ def worker(args) -> None:
         # One variant per launch: the process's peak RSS belongs to it alone.
         baseline_hwm_kb = proc_status_kb("VmHWM")
         v = Variant(keys[0], args, world)
+        trace = [("built", proc_status_kb("VmRSS") * 1024, proc_status_kb("VmHWM") * 1024)]
         batches, _ = make_batches(args, rank, args.rss_steps)
-        for ids in batches:
+        for i, ids in enumerate(batches):
             dist.barrier()
             v.step(ids)
+            trace.append((f"step {i + 1}", proc_status_kb("VmRSS") * 1024, proc_status_kb("VmHWM") * 1024))
         dist.barrier()
+        result["vmrss_vmhwm_trace_bytes"] = trace
         result.update(
             variant=keys[0],
             baseline_vmhwm_bytes=baseline_hwm_kb * 1024,
@@ -511,6 +523,10 @@ def render(summary: dict) -> str:
         f"{summary['max_eval_loss_difference']:.3g}"
     )
     lines.append(f"peak RSS: {summary['rss_method']}")
+    base = [b for e in summary["variants"].values() for b in (e.get("baseline_vmhwm_bytes_per_rank") or [])]
+    if base:
+        lines.append(f"  (baseline before any model: {min(base) / MB:.0f}-{max(base) / MB:.0f} MB; glibc malloc, "
+                     "so freed heap memory can stay resident and count in the peak)")
     ddp = summary["variants"].get("ddp")
     if ddp and ddp.get("ddp_bucket_bytes_not_counted_per_rank", [None])[0]:
         lines.append(
@@ -548,7 +564,7 @@ def parse_args(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps-per-round", type=int, default=3)
     ap.add_argument("--rss-steps", type=int, default=3, help="steps run in each per-variant RSS launch")
     ap.add_argument("--no-rss", action="store_true", help="skip the per-variant peak-RSS launches")

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: a tiny Llama trained with ZeRO stage 2 by two CPU
-# processes (gloo), checked against nothing but its own loss going down.
+# The main job on the embedded default (recipes/tiny): a small Llama-architecture model learns
+# two-digit addition from data/addition with ZeRO stage 2 + CPU optimizer offload on two CPU
+# processes (gloo); it writes the sharded checkpoint and the consolidated safetensors, reloads
+# them with from_pretrained and prints its answers and its accuracy before and after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh
-exec .venv/bin/torchrun --nproc_per_node 2 examples/train_tiny.py "$@"
+exec .venv/bin/torchrun --nproc_per_node 2 -m hf_zero.cli train tiny "$@"

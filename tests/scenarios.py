@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -28,6 +29,11 @@ def engine_config(case: dict, world: int) -> dict:
         cfg["bf16"] = {"enabled": True}
     if case.get("dtype") == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 8}
+    if case.get("offload"):
+        off = {"device": case["offload"], "delayed_update": bool(case.get("delayed"))}
+        if case["offload"] == "nvme":
+            off["nvme_path"] = os.environ["HF_ZERO_TEST_NVME"]
+        cfg["zero_optimization"]["offload_optimizer"] = off
     return cfg
 
 
@@ -209,7 +215,7 @@ def errors(payload, out_dir: Path):
     attempt("untested", lambda: custom(False))
     attempt("untested_allowed", lambda: custom(True))
     attempt("no_optimizer", lambda: hf_zero.initialize(model=build("llama"), config=base))
-    attempt("offload", lambda: hf_zero.initialize(model=build("llama"), config={
-        **base, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+    attempt("offload_param", lambda: hf_zero.initialize(model=build("llama"), config={
+        **base, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}},
         "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}))
     return out

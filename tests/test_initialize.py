@@ -50,6 +50,7 @@ def test_missing_optimizer(results):
         assert "optimizer" in r["errors"]["no_optimizer"] and "config" in r["errors"]["no_optimizer"]
 
 
-def test_offload_is_refused_until_built(results):
+def test_parameter_offload_is_refused_until_built(results):
     for r in results:
-        assert "offload_optimizer" in r["errors"]["offload"] and "none" in r["errors"]["offload"]
+        msg = r["errors"]["offload_param"]
+        assert msg.startswith("NotImplementedError") and "offload_param" in msg and "none" in msg

@@ -99,9 +99,11 @@ def _export_names(module: torch.nn.Module) -> Dict[int, Tuple[str, List[str]]]:
 
 
 # ---------------------------------------------------------------------------------------- save
-def _rank_tensors(engine) -> Dict[str, torch.Tensor]:
-    """This rank's tensors: master, element-wise optimizer states, frozen params, RNG."""
+def _rank_tensors(engine) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, float]]]:
+    """This rank's tensors (master, element-wise optimizer states, frozen params, RNG), and per
+    param group the optimizer's 0-d states (e.g. Adam's ``step``) seen on this rank."""
     out: Dict[str, torch.Tensor] = {}
+    scalars: List[Dict[str, float]] = [{} for _ in engine.optimizer.param_groups]
     pieces_by_flat: Dict[int, list] = {}
     for piece in engine.pieces:
         pieces_by_flat.setdefault(piece.flat_index, []).append(piece)
@@ -114,36 +116,26 @@ def _rank_tensors(engine) -> Dict[str, torch.Tensor]:
             if not f.trainable:
                 out[f"{key}.param"] = f.shard.detach().cpu().contiguous()
                 continue
-            out[f"{key}.master"] = f.master.detach().float().cpu().contiguous()
-            for piece in pieces_by_flat.get(trainable_index[id(f)], []):
-                for skey, value in engine.optimizer.state.get(piece.param, {}).items():
-                    if not torch.is_tensor(value) or value.dim() == 0:
-                        continue
-                    if value.numel() != piece.end - piece.start:
-                        raise CheckpointError(
-                            f"optimizer state {skey!r} has {value.numel()} elements for a piece of "
-                            f"{piece.end - piece.start}: the optimizer is not element-wise"
-                        )
-                    name = f"{key}.state.{skey}"
-                    if name not in out:
-                        out[name] = torch.zeros(f.shard_numel, dtype=value.dtype)
-                    out[name][piece.start : piece.end] = value.detach().reshape(-1).cpu()
+            with engine.resident(f):
+                out[f"{key}.master"] = f.master.detach().float().cpu().contiguous()
+                for piece in pieces_by_flat.get(trainable_index[id(f)], []):
+                    for skey, value in engine.optimizer.state.get(piece.param, {}).items():
+                        if not torch.is_tensor(value) or value.dim() == 0:
+                            scalars[piece.group].setdefault(skey, float(value))
+                            continue
+                        if value.numel() != piece.end - piece.start:
+                            raise CheckpointError(
+                                f"optimizer state {skey!r} has {value.numel()} elements for a piece of "
+                                f"{piece.end - piece.start}: the optimizer is not element-wise"
+                            )
+                        name = f"{key}.state.{skey}"
+                        if name not in out:
+                            out[name] = torch.zeros(f.shard_numel, dtype=value.dtype)
+                        out[name][piece.start : piece.end] = value.detach().reshape(-1).cpu()
     out["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and engine.device.type == "cuda":
         out["rng.cuda"] = torch.cuda.get_rng_state(engine.device)
-    return out
-
-
-def _scalar_states(engine) -> List[Dict[str, float]]:
-    """Per param group, the optimizer's 0-d states (e.g. Adam's ``step``)."""
-    out: List[Dict[str, float]] = [{} for _ in engine.optimizer.param_groups]
-    for piece in engine.pieces:
-        for skey, value in engine.optimizer.state.get(piece.param, {}).items():
-            if torch.is_tensor(value) and value.dim() == 0:
-                out[piece.group].setdefault(skey, float(value))
-            elif isinstance(value, (int, float)):
-                out[piece.group].setdefault(skey, float(value))
-    return out
+    return out, scalars
 
 
 def _layout(engine) -> Tuple[dict, dict]:
@@ -220,14 +212,15 @@ def save_checkpoint(engine, save_dir, tag: Optional[str] = None, client_state: O
     engine.comm.barrier()
 
     # 1. every rank writes its own file
-    tensors = _rank_tensors(engine)
+    engine.flush_pending_update()
+    tensors, scalars = _rank_tensors(engine)
     if engine.rank == 0:
         for name, b in _persistent_buffers(engine.module).items():
             tensors[f"buffer.{name}"] = b
     fname = rank_file(engine.rank, engine.world_size)
     _write_rank_file(partial / fname, tensors)
     meta = {"file": fname, "size": (partial / fname).stat().st_size, "sha256": sha256_of(partial / fname),
-            "rng": _python_rng(), "scalar_states": _scalar_states(engine)}
+            "rng": _python_rng(), "scalar_states": scalars}
     metas = _gather_objects(engine, meta)
 
     # 2. rank 0 writes the index, then publishes the directory
@@ -369,13 +362,17 @@ def load_checkpoint(engine, load_dir, tag: Optional[str] = None, load_optimizer_
     if errors:
         raise CheckpointError(errors[0])
 
+    engine.flush_pending_update()
     reader = _SliceReader(index)
     scalar = index.data["optimizer"]["scalar_states"]
     trainable_index = {id(f): i for i, f in enumerate(engine._trainable_flats)}
     pieces_by_flat: Dict[int, list] = {}
     for piece in engine.pieces:
         pieces_by_flat.setdefault(piece.flat_index, []).append(piece)
-    new_state: Dict[Any, dict] = {}
+    if load_optimizer_states:
+        engine.optimizer.state.clear()
+        if engine.host is not None:
+            engine.host.scalar_state.clear()
     with torch.no_grad():
         for u in engine.units:
             for f in u.flats:
@@ -402,20 +399,19 @@ def load_checkpoint(engine, load_dir, tag: Optional[str] = None, load_optimizer_
                             if skey not in states:
                                 states[skey] = torch.zeros(f.shard_numel, dtype=torch.float32)
                             reader.read(e.flat, f"state.{skey}", e.offset + s.param_start, s.length, states[skey][sl])
-                f.master.copy_(master.to(f.master.device))
-                if not f.master_is_shard:
-                    f.shard.copy_(f.master)
+                with engine.resident(f, write_back=True):
+                    f.master.copy_(master.to(f.master.device))
+                    if not f.master_is_shard:
+                        f.shard.copy_(f.master)
+                    if load_optimizer_states:
+                        for piece in pieces_by_flat.get(trainable_index[id(f)], []):
+                            st = {k: v[piece.start : piece.end].clone().to(f.master.device) for k, v in states.items()}
+                            if st or scalar[piece.group]:
+                                for k, v in scalar[piece.group].items():
+                                    st[k] = torch.tensor(v, dtype=torch.float32)
+                                engine.optimizer.state[piece.param] = st
                 _refresh_full(engine, f)
-                for piece in pieces_by_flat.get(trainable_index[id(f)], []):
-                    st = {k: v[piece.start : piece.end].clone().to(f.master.device) for k, v in states.items()}
-                    if st or scalar[piece.group]:
-                        for k, v in scalar[piece.group].items():
-                            st[k] = torch.tensor(v, dtype=torch.float32)
-                        new_state[piece.param] = st
         if load_optimizer_states:
-            engine.optimizer.state.clear()
-            for p, st in new_state.items():
-                engine.optimizer.state[p] = st
             for group, saved in zip(engine.optimizer.param_groups, index.data["optimizer"]["param_groups"]):
                 for k, v in _from_json(saved).items():
                     group[k] = tuple(v) if isinstance(group.get(k), tuple) else v

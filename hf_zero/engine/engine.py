@@ -24,6 +24,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from contextlib import nullcontext as _nullcontext
+
 from ..config import ZeroConfig
 from .collectives import Collectives, CommTotals
 from .flat import FlatParam, FlatState
@@ -62,12 +64,13 @@ class ZeroEngine:
         if config.unresolved_keys():
             raise ValueError(f"config has unresolved 'auto' values: {config.unresolved_keys()}")
         zo = config.zero_optimization
-        for key, section in (("offload_optimizer", zo.offload_optimizer), ("offload_param", zo.offload_param)):
-            if section.enabled:
-                raise NotImplementedError(
-                    f"zero_optimization.{key}.device={section.device!r}: offload is not built yet in "
-                    f"this version of hf_zero; set it to \"none\""
-                )
+        if zo.offload_param.enabled:
+            raise NotImplementedError(
+                f"zero_optimization.offload_param.device={zo.offload_param.device!r}: parameter offload "
+                "is not built yet in this version of hf_zero; set it to \"none\" (optimizer offload, "
+                "offload_optimizer, works)"
+            )
+        self.offload = zo.offload_optimizer
         self.config = config
         self.comm = comm
         self.device = device
@@ -109,6 +112,13 @@ class ZeroEngine:
         )
         self.runtime.on_backward_end = self.runtime.finish_backward
         self.runtime.install()
+        self.host = None
+        self._eager_active = False
+        self._eager_submitted: set = set()
+        self._staged: Dict[int, torch.Tensor] = {}
+        if self.offload.enabled:
+            self.host = self._make_host_step()
+            self.runtime.on_unit_reduced = self._on_unit_reduced
         self.comm.take_totals()  # the start-up broadcast is not part of any step
 
     # ------------------------------------------------------------------------------ set-up
@@ -167,6 +177,7 @@ class ZeroEngine:
                     sharded=sharded,
                     alignment=16,
                     master_dtype=torch.float32,
+                    master_device=torch.device("cpu") if self.offload.enabled else None,
                 )
                 if sharded:
                     flat.detach_shard()
@@ -226,8 +237,12 @@ class ZeroEngine:
         """Backward of ``loss`` (divided by the accumulation steps unless ``scale_wrt_gas`` is
         False), multiplied by the loss scale. Gradients accumulate until the update."""
         factor = self.loss_scaler.scale / (self.gradient_accumulation_steps if scale_wrt_gas else 1)
-        (loss.float() * factor).backward(retain_graph=retain_graph)
-        self.runtime.finish_backward()
+        self._eager_active = self._eager_allowed() and self.is_gradient_accumulation_boundary()
+        try:
+            (loss.float() * factor).backward(retain_graph=retain_graph)
+            self.runtime.finish_backward()
+        finally:
+            self._eager_active = False
         return loss
 
     def step(self) -> None:
@@ -249,8 +264,9 @@ class ZeroEngine:
             p.grad = None
 
     # ------------------------------------------------------------------------------ step
-    def _master_grads(self) -> List[torch.Tensor]:
-        """fp32 gradient of each trainable flat's master shard (aliases where dtypes agree)."""
+    def _grad_shards(self) -> List[torch.Tensor]:
+        """This rank's reduced gradient of each trainable flat, on the device, in the dtype it
+        was accumulated in (stage 0: the whole all-reduced buffer)."""
         out = []
         for u in self.units:
             for fi, f in enumerate(u.flats):
@@ -259,14 +275,14 @@ class ZeroEngine:
                 g = u.grad_full.get(fi) if self.stage == 0 else u.grad_shard.get(fi)
                 if g is None:
                     g = torch.zeros(f.shard_numel, dtype=torch.float32, device=f.device)
-                out.append(g if g.dtype == torch.float32 else g.float())
+                out.append(g)
         return out
 
     @torch.no_grad()
     def _optimizer_step(self) -> None:
         if self.stage <= 1:
             self.runtime.reduce_boundary()
-        grads = self._master_grads()
+        grads = self._grad_shards()
         inv_scale = 1.0 / self.loss_scaler.scale
         if self.config.fp16.enabled:
             overflow = local_overflow(grads).to(self.device)
@@ -275,7 +291,7 @@ class ZeroEngine:
                 self.loss_scaler.update(True)
                 self.skipped_steps += 1
                 self._last_grad_norm = torch.tensor(float("inf"))
-                self._finish_step(params_changed=False)
+                self._finish_step()
                 return
         norm_sq = global_grad_norm_sq(grads).to(self.device)
         if self.stage >= 1:
@@ -285,32 +301,122 @@ class ZeroEngine:
         coef = torch.tensor(inv_scale, device=self.device)
         if self.gradient_clipping > 0:
             coef = coef * clip_coefficient(total_norm, self.gradient_clipping)
-        for g in grads:
-            g.mul_(coef)
-        for piece in self.pieces:
-            piece.param.grad = grads[piece.flat_index][piece.start : piece.end]
-        self.optimizer.step()
-        for piece in self.pieces:
-            piece.param.grad = None
+        if self.host is None:
+            self._device_update(grads, coef)
+        elif self.offload.delayed_update:
+            self._delayed_host_update(grads, coef)
+        else:
+            self._host_update(grads, coef)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.loss_scaler.update(False)
-        self._finish_step(params_changed=True)
+        self._finish_step()
 
-    def _finish_step(self, params_changed: bool) -> None:
-        if params_changed:
-            self._publish_parameters()
-        self.zero_grad()
-        self.global_steps += 1
-        self._last_comm = self.comm.take_totals()
-
-    def _publish_parameters(self) -> None:
-        """Copy the updated master shards into the compute-dtype parameters everywhere."""
+    def _device_update(self, grads: List[torch.Tensor], coef: torch.Tensor) -> None:
+        """No offload: step the fp32 master shards where they are."""
+        master_grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
+        if self.gradient_clipping > 0 or self.loss_scaler.scale != 1.0:
+            for g in master_grads:
+                g.mul_(coef)
+        for piece in self.pieces:
+            piece.param.grad = master_grads[piece.flat_index][piece.start : piece.end]
+        self.optimizer.step()
+        for piece in self.pieces:
+            piece.param.grad = None
         for f in self._trainable_flats:
             if not f.master_is_shard:
                 f.shard.copy_(f.master)
-            if self.stage in (1, 2):
+        self._gather_updated()
+
+    # -- offload ---------------------------------------------------------------------------
+    def _make_host_step(self):
+        from ..offload.host_step import HostStep
+
+        aio = self.config.aio
+        pin = self.device.type == "cuda" and self.offload.pin_memory
+        return HostStep(self, self.offload.device, nvme_path=self.offload.nvme_path,
+                        buffer_count=self.offload.buffer_count, aio_block_size=aio.block_size,
+                        aio_threads=max(1, aio.thread_count), pin=pin)
+
+    def _eager_allowed(self) -> bool:
+        """Whether a unit's CPU step may start as soon as its gradient is reduced: only when no
+        global decision (clipping, fp16 overflow) has to wait for all gradients, and stages 2-3
+        (which reduce during backward)."""
+        return (self.host is not None and not self.offload.delayed_update and self.stage >= 2
+                and self.gradient_clipping == 0 and not self.config.fp16.enabled)
+
+    def _flat_indices(self, unit) -> List[int]:
+        index = {id(f): i for i, f in enumerate(self._trainable_flats)}
+        return [index[id(f)] for f in unit.trainable]
+
+    def _on_unit_reduced(self, unit) -> None:
+        if not self._eager_active or not unit.trainable:
+            return
+        idx = self._flat_indices(unit)
+        grads = self._grad_shards()
+        self.host.grads_down(idx, grads, torch.tensor(1.0 / self.loss_scaler.scale))
+        self.host.submit(idx, self._stage_publish)
+        self._eager_submitted.update(idx)
+
+    def _stage_publish(self, i: int) -> None:
+        """Worker side: keep flat i's new weights in the compute dtype until the main thread
+        copies them to the device (the worker never writes device parameters)."""
+        f = self._trainable_flats[i]
+        self._staged[i] = f.master.to(f.dtype, copy=True)
+
+    def _host_update(self, grads: List[torch.Tensor], coef: torch.Tensor) -> None:
+        """Exact offloaded step: units already submitted during backward (eager) finish on the
+        worker; the rest are stepped now, unit after unit."""
+        done = set(self._eager_submitted)
+        rest = [i for i in range(len(self._trainable_flats)) if i not in done]
+        if rest:
+            self.host.grads_down(rest, grads, coef)
+            self.host.submit(rest, self._stage_publish)
+        self.host.wait()
+        self._apply_staged()
+
+    def _delayed_host_update(self, grads: List[torch.Tensor], coef: torch.Tensor) -> None:
+        """One-step delayed update: publish the previous step's result, then start this one on
+        the worker; the next forward runs on weights one update old."""
+        self.host.wait()
+        self._apply_staged()
+        all_flats = list(range(len(self._trainable_flats)))
+        self.host.grads_down(all_flats, grads, coef)
+        self.host.submit(all_flats, self._stage_publish)
+
+    def _apply_staged(self) -> None:
+        if not self._staged:
+            return
+        for i, w in sorted(self._staged.items()):
+            self._trainable_flats[i].shard.copy_(w)
+        self._staged.clear()
+        self._gather_updated()
+
+    def flush_pending_update(self) -> None:
+        """With the delayed update: finish and publish the update still running, so the
+        weights, masters and optimizer states agree (checkpoints and exports call this)."""
+        if self.host is not None:
+            self.host.wait()
+            self._apply_staged()
+
+    def resident(self, flat, write_back: bool = False):
+        """Context: ``flat.master`` and its optimizer states in RAM (a no-op unless NVMe)."""
+        if self.host is None:
+            from contextlib import nullcontext
+
+            return nullcontext()
+        return self.host.resident(flat, write_back=write_back)
+
+    def _gather_updated(self) -> None:
+        if self.stage in (1, 2):
+            for f in self._trainable_flats:
                 self.comm.all_gather(f.full, f.shard)
+
+    def _finish_step(self) -> None:
+        self.zero_grad()
+        self._eager_submitted.clear()
+        self.global_steps += 1
+        self._last_comm = self.comm.take_totals()
 
     # ------------------------------------------------------------------------------ reports
     def get_global_grad_norm(self) -> Optional[float]:
@@ -326,14 +432,16 @@ class ZeroEngine:
             for t in list(u.grad_full.values()) + list(u.grad_shard.values())
             if t is not None
         )
-        master_bytes = sum(
-            f.master.numel() * f.master.element_size() for f in self._trainable_flats if not f.master_is_shard
-        )
+        self.flush_pending_update()
+        master_bytes = sum(f.shard_numel * 4 for f in self._trainable_flats if not f.master_is_shard)
         state_bytes = 0
         for state in self.optimizer.state.values():
             for v in state.values():
                 if torch.is_tensor(v):
                     state_bytes += v.numel() * v.element_size()
+        host = self.host.host_bytes() if self.host is not None else {}
+        if "nvme_bytes" in host:  # states live in the swap files between steps
+            state_bytes = host["nvme_bytes"] - master_bytes
         return {
             "rank": self.rank,
             "world_size": self.world_size,
@@ -344,6 +452,9 @@ class ZeroEngine:
             "master_bytes": master_bytes,
             "optimizer_state_bytes": state_bytes,
             "model_state_bytes": param_bytes + grad_bytes + master_bytes + state_bytes,
+            "offload_optimizer": self.offload.device,
+            "device_model_state_bytes": param_bytes + grad_bytes + (0 if self.host else master_bytes + state_bytes),
+            **host,
             "comm_bytes_last_step": self._last_comm.as_dict(),
         }
 
@@ -351,15 +462,17 @@ class ZeroEngine:
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """Collective: the full fp32 weights (and buffers) keyed as ``module.state_dict()``, on
         every rank, as CPU tensors. Every rank must call it."""
+        self.flush_pending_update()
         by_param: Dict[int, torch.Tensor] = {}
         for u in self.units:
             for f in u.flats:
-                shard = f.master if f.trainable else f.shard.float()
-                if f.shard_world == 1:
-                    full = shard
-                else:
-                    full = torch.empty(f.padded_numel, dtype=torch.float32, device=f.device)
-                    self.comm.all_gather(full, shard)
+                with self.resident(f) if f.trainable else _nullcontext():
+                    shard = (f.master if f.trainable else f.shard).to(f.device, torch.float32)
+                    if f.shard_world == 1:
+                        full = shard
+                    else:
+                        full = torch.empty(f.padded_numel, dtype=torch.float32, device=f.device)
+                        self.comm.all_gather(full, shard)
                 for i, p in enumerate(f.params):
                     by_param[id(p)] = f.param_view(full, i).detach().cpu().clone()
         out: Dict[str, torch.Tensor] = {}
@@ -406,5 +519,9 @@ class ZeroEngine:
         return ctx()
 
     def destroy(self) -> None:
-        """Remove the engine's hooks (the parameters stay views of the flat buffers)."""
+        """Remove the engine's hooks and release offload resources (swap files); the parameters
+        stay views of the flat buffers."""
         self.runtime.remove()
+        if self.host is not None:
+            self.flush_pending_update()
+            self.host.close()

@@ -64,6 +64,7 @@ class FlatParam:
         sharded: bool,
         alignment: int = 16,
         master_dtype: Optional[torch.dtype] = None,
+        master_device: Optional[torch.device] = None,
     ):
         assert len(params) == len(names) and params, "a flat buffer needs at least one parameter"
         self.params: List[nn.Parameter] = list(params)
@@ -95,14 +96,17 @@ class FlatParam:
         self.shard = self.full[self.shard_start : self.shard_start + self.shard_numel]
         self.state = FlatState.GATHERED
         # The fp32 master shard, taken from the parameters' original values (before any cast to
-        # the compute dtype); it aliases ``shard`` when the dtypes agree.
+        # the compute dtype); it aliases ``shard`` when dtype and device agree. With offload it
+        # lives on ``master_device`` (the CPU), pinned when CUDA is there to copy from.
         self.master: Optional[torch.Tensor] = None
-        self.master_is_shard = master_dtype == dtype
+        master_device = torch.device(master_device) if master_device is not None else device
+        self.master_is_shard = master_dtype == dtype and master_device == device
         if self.trainable and master_dtype is not None:
             if self.master_is_shard:
                 self.master = self.shard
             else:
-                self.master = torch.zeros(self.shard_numel, dtype=master_dtype, device=device)
+                pin = master_device.type == "cpu" and device.type == "cuda"
+                self.master = torch.zeros(self.shard_numel, dtype=master_dtype, device=master_device, pin_memory=pin)
                 for seg in self.segments_in_shard():
                     src = self.params[seg.param_index].detach().reshape(-1)
                     self.master[seg.shard_start : seg.shard_start + seg.length].copy_(

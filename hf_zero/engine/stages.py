@@ -69,6 +69,7 @@ class Unit:
         self.expected = {id(p) for f in self.trainable for p in f.params}
         self.waiting: set = set()
         self.reduced = False
+        self.fresh: set = set()  # flat indices whose shard accumulator holds zeros
 
     @property
     def state(self) -> FlatState:
@@ -109,6 +110,7 @@ class StageRuntime:
         self._reduced_upto = 0
         self._in_backward_step = False
         self.on_backward_end: Optional[Callable[[], None]] = None
+        self.on_unit_reduced: Optional[Callable[[Unit], None]] = None  # e.g. start its CPU step
 
     # ------------------------------------------------------------------------------ install
     def install(self) -> None:
@@ -140,8 +142,9 @@ class StageRuntime:
                 u.grad_shard.clear()  # stage 1: the boundary's reduce-scatter output
             else:
                 u.grad_full.clear()  # per-backward buffers
-                for t in u.grad_shard.values():
+                for fi, t in u.grad_shard.items():
                     t.zero_()
+                    u.fresh.add(fi)
 
     def remove(self) -> None:
         for h in self._hook_handles:
@@ -309,6 +312,8 @@ class StageRuntime:
             if self.stage >= 2:
                 self.reduce_unit(unit)
             unit.reduced = True
+            if self.on_unit_reduced is not None and self.stage >= 2:
+                self.on_unit_reduced(unit)
         self._reduced_upto = max(self._reduced_upto, upto)
         if release:
             for i in range(upto):
@@ -331,19 +336,26 @@ class StageRuntime:
             f = unit.flats[fi]
             acc = torch.zeros(f.shard_numel, dtype=self.accum_dtype or f.dtype, device=f.device)
             unit.grad_shard[fi] = acc
+            unit.fresh.add(fi)
         return acc
 
     def _reduce_scatter_into(self, unit: Unit, fi: int, full: torch.Tensor) -> None:
+        """Average ``full`` over ranks into this rank's shard accumulator (first reduction of a
+        window: straight into it; later ones: through a temporary and an add)."""
         n = self.comm.world_size
         f = unit.flats[fi]
-        full.div_(self.predivide)
+        if self.predivide != 1.0:
+            full.div_(self.predivide)
         acc = self._shard_accumulator(unit, fi)
-        out = torch.empty(f.shard_numel, dtype=full.dtype, device=full.device)
+        direct = fi in unit.fresh and acc.dtype == full.dtype
+        out = acc if direct else torch.empty(f.shard_numel, dtype=full.dtype, device=full.device)
         self.comm.reduce_scatter(out, full)
         post = n / self.predivide
         if post != 1.0:
             out.div_(post)
-        acc.add_(out)
+        if not direct:
+            acc.add_(out)
+        unit.fresh.discard(fi)
 
     def reduce_unit(self, unit: Unit) -> None:
         """Stage 2/3: reduce-scatter this backward's gradients of ``unit`` into the shards."""
@@ -368,7 +380,8 @@ class StageRuntime:
                     unit.grad_full[fi] = full
                 if self.stage == 0:
                     work = full if self.comm_dtype in (None, full.dtype) else full.to(self.comm_dtype)
-                    work.div_(self.predivide)
+                    if self.predivide != 1.0:
+                        work.div_(self.predivide)
                     self.comm.all_reduce(work)
                     if n / self.predivide != 1.0:
                         work.div_(n / self.predivide)

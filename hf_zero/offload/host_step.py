@@ -1,0 +1,215 @@
+"""The optimizer step on offloaded state: fp32 master shards and optimizer states in CPU RAM or
+in NVMe swap files, stepped on the CPU one unit at a time.
+
+Note:
+    * The user's torch optimizer is kept; a unit is stepped by pointing each param group at that
+      unit's pieces only (``step_pieces``), so per-group options, LR schedulers and per-piece
+      states work unchanged. Steps run one unit at a time on one worker thread.
+    * Gradients come down in the dtype they were reduced in (bf16 / fp16 under mixed precision,
+      never widened on the device) into one persistent fp32 host buffer per flat, which the
+      pieces' ``.grad`` views. Updated masters go up cast to the compute dtype.
+    * CPU: masters and states stay in (pinned) RAM. NVMe: between steps they live in the swap
+      files; ``resident(flat)`` brings one flat's master and states into RAM (and writes them
+      back) for the code that needs them outside the step (checkpoints, exports), and the step
+      itself runs through :class:`~hf_zero.offload.nvme.SwapPipeline`, reading the next unit
+      while stepping this one and writing the previous one.
+    * An optimizer state is "element-wise" when it is a tensor with one value per parameter
+      element (Adam's moments, SGD's momentum); 0-d states (Adam's ``step``) are kept in RAM per
+      piece. The element-wise kinds are found by stepping a probe copy of the optimizer once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+
+import torch
+
+from .nvme import NvmeSwapStore, Region, SwapPipeline, aligned_empty, region_layout
+
+
+def step_pieces(optimizer: torch.optim.Optimizer, pieces: Sequence) -> None:
+    """``optimizer.step()`` restricted to ``pieces``."""
+    saved = [g["params"] for g in optimizer.param_groups]
+    subset: List[list] = [[] for _ in optimizer.param_groups]
+    for piece in pieces:
+        subset[piece.group].append(piece.param)
+    try:
+        for group, params in zip(optimizer.param_groups, subset):
+            group["params"] = params
+        optimizer.step()
+    finally:
+        for group, params in zip(optimizer.param_groups, saved):
+            group["params"] = params
+
+
+def elementwise_state_kinds(optimizer: torch.optim.Optimizer) -> List[str]:
+    """The names of the optimizer's per-element states, found by stepping a probe copy."""
+    import inspect
+
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    defaults = {k: v for k, v in optimizer.param_groups[0].items() if k != "params" and k in accepted}
+    probe_param = torch.nn.Parameter(torch.ones(3))
+    probe = type(optimizer)([probe_param], **defaults)
+    probe_param.grad = torch.full((3,), 0.5)
+    probe.step()
+    return sorted(k for k, v in probe.state[probe_param].items() if torch.is_tensor(v) and v.dim() > 0)
+
+
+class HostStep:
+    """Owns the host-side state of an engine with ``offload_optimizer`` enabled."""
+
+    def __init__(self, engine, device_kind: str, nvme_path: Optional[str] = None, buffer_count: int = 4,
+                 aio_block_size: int = 1 << 20, aio_threads: int = 4, pin: bool = False):
+        self.engine = engine
+        self.kind = device_kind
+        self.flats = engine._trainable_flats
+        self.pieces_by_flat: Dict[int, list] = {}
+        for piece in engine.pieces:
+            self.pieces_by_flat.setdefault(piece.flat_index, []).append(piece)
+        self.host_grad = [torch.zeros(f.shard_numel, dtype=torch.float32, pin_memory=pin) for f in self.flats]
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_zero-host-step")
+        self.pending: List[Future] = []
+        self.store: Optional[NvmeSwapStore] = None
+        self.scalar_state: Dict[int, dict] = {}  # id(piece.param) -> 0-d states (NVMe)
+        if device_kind == "nvme":
+            self.kinds = ["master"] + elementwise_state_kinds(engine.optimizer)
+            self.offsets, total = region_layout([f.shard_numel for f in self.flats])
+            self.store = NvmeSwapStore(nvme_path, engine.rank, {k: total for k in self.kinds},
+                                       block_size=aio_block_size, threads=aio_threads)
+            self.buffer_count = max(2, buffer_count)
+            for i, f in enumerate(self.flats):  # initial masters go to disk; RAM is released
+                self.store.write_from("master", f.master, self.offsets[i])
+                for k in self.kinds[1:]:
+                    self.store.write_from(k, torch.zeros(f.shard_numel), self.offsets[i])
+                self._detach(i)
+
+    # ---------------------------------------------------------------------------- residency
+    def _index(self, flat) -> int:
+        for i, f in enumerate(self.flats):
+            if f is flat:
+                return i
+        raise KeyError("not a trainable flat of this engine")
+
+    def _attach(self, i: int, tensors: Dict[str, torch.Tensor]) -> None:
+        """Point flat i's master, pieces and optimizer states at ``tensors`` (NVMe)."""
+        f = self.flats[i]
+        f.master = tensors["master"]
+        opt = self.engine.optimizer
+        for piece in self.pieces_by_flat.get(i, []):
+            piece.param.data = f.master[piece.start : piece.end]
+            scalars = self.scalar_state.get(id(piece.param))
+            if scalars is None:
+                opt.state.pop(piece.param, None)  # never stepped: torch initialises it
+            else:
+                st = {k: tensors[k][piece.start : piece.end] for k in self.kinds[1:]}
+                st.update(scalars)
+                opt.state[piece.param] = st
+
+    def _collect(self, i: int, tensors: Dict[str, torch.Tensor]) -> None:
+        """After a step: move states torch created into ``tensors`` and remember 0-d ones."""
+        opt = self.engine.optimizer
+        for piece in self.pieces_by_flat.get(i, []):
+            st = opt.state.get(piece.param)
+            if not st:
+                continue
+            scalars = {}
+            for k, v in st.items():
+                if k in tensors and torch.is_tensor(v) and v.dim() > 0:
+                    dst = tensors[k][piece.start : piece.end]
+                    if v.data_ptr() != dst.data_ptr():
+                        dst.copy_(v.reshape(-1))
+                else:
+                    scalars[k] = v
+            self.scalar_state[id(piece.param)] = scalars
+
+    def _detach(self, i: int) -> None:
+        f = self.flats[i]
+        f.master = None
+        for piece in self.pieces_by_flat.get(i, []):
+            piece.param.data = torch.empty(0)
+            self.engine.optimizer.state.pop(piece.param, None)
+
+    @contextlib.contextmanager
+    def resident(self, flat, write_back: bool = False) -> Iterator[None]:
+        """Within the block, ``flat.master`` and its pieces' optimizer states are in RAM."""
+        if self.store is None:
+            yield
+            return
+        self.wait()
+        i = self._index(flat)
+        tensors = {k: aligned_empty(flat.shard_numel) for k in self.kinds}
+        for k in self.kinds:
+            self.store.read_into(k, tensors[k], self.offsets[i])
+        self._attach(i, tensors)
+        try:
+            yield
+            if write_back:
+                self._collect(i, tensors)
+                for k in self.kinds:
+                    self.store.write_from(k, tensors[k], self.offsets[i])
+        finally:
+            self._detach(i)
+
+    # ---------------------------------------------------------------------------- the step
+    def grads_down(self, indices: Iterable[int], device_grads: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
+        """Copy device gradient shards into the fp32 host buffers, scaled by ``coef``."""
+        c = coef.to("cpu", torch.float32)
+        for i in indices:
+            self.host_grad[i].copy_(device_grads[i])
+            self.host_grad[i].mul_(c)
+
+    def _step_resident(self, indices: Sequence[int]) -> None:
+        opt = self.engine.optimizer
+        pieces = [p for i in indices for p in self.pieces_by_flat.get(i, [])]
+        for piece in pieces:
+            piece.param.grad = self.host_grad[piece.flat_index][piece.start : piece.end]
+        step_pieces(opt, pieces)
+        for piece in pieces:
+            piece.param.grad = None
+
+    def step(self, indices: Sequence[int], publish) -> None:
+        """Step flats ``indices``; ``publish(i)`` copies flat i's new master to the device (called
+        while the master is in RAM; for NVMe, before it is written back)."""
+        if self.store is None:
+            self._step_resident(indices)
+            for i in indices:
+                publish(i)
+            return
+        regions = [Region(self.offsets[i], self.flats[i].shard_numel) for i in indices]
+        pipeline = SwapPipeline(self.store, regions, buffer_count=self.buffer_count, kinds=self.kinds)
+
+        def step_fn(j, region, tensors):
+            i = indices[j]
+            self._attach(i, tensors)
+            try:
+                self._step_resident([i])
+                self._collect(i, tensors)
+                publish(i)
+            finally:
+                self._detach(i)
+
+        pipeline.run(step_fn)
+
+    def submit(self, indices: Sequence[int], publish) -> None:
+        """Run :meth:`step` on the worker thread."""
+        self.pending.append(self.executor.submit(self.step, list(indices), publish))
+
+    def wait(self) -> None:
+        while self.pending:
+            self.pending.pop(0).result()
+
+    def host_bytes(self) -> Dict[str, int]:
+        grads = sum(t.numel() * 4 for t in self.host_grad)
+        if self.store is not None:
+            disk = sum(self.store.numels[k] * 4 for k in self.kinds)
+            return {"host_grad_bytes": grads, "nvme_bytes": disk}
+        return {"host_grad_bytes": grads}
+
+    def close(self) -> None:
+        self.wait()
+        self.executor.shutdown(wait=True)
+        if self.store is not None:
+            self.store.close()
+            self.store = None
