@@ -20,6 +20,7 @@ _LAZY = {
     "ZeroTrainerMixin": "hf_zero.integrations.trainer",
     "ZeroCallback": "hf_zero.integrations.trainer",
     "consolidate": "hf_zero.checkpoint.consolidate",
+    "from_pretrained": "hf_zero.loading",
 }
 
 

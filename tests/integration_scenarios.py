@@ -263,3 +263,87 @@ if __name__ == "__main__":
         one_process_check()
     else:
         cli_main()
+
+
+def trainer_checkpoints(payload, out_dir: Path):
+    """ZeroTrainer with checkpoint-N folders: save every 2 steps (keeping 2), optionally resume
+    from the newest one, optionally load the best model at the end."""
+    import hf_zero
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    global_batch = 12
+    extra = dict(max_steps=payload["max_steps"], save_strategy="steps", save_steps=2, save_total_limit=2,
+                 gradient_accumulation_steps=1)
+    if payload.get("best"):
+        extra.update(eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                     metric_for_best_model="eval_loss", greater_is_better=False, per_device_eval_batch_size=2)
+    args = hf_zero.ZeroTrainingArguments(zero_config=zero_cfg(payload["stage"]),
+                                         **trainer_kwargs(payload["output_dir"], global_batch // world, **extra))
+    data = trainer_dataset(72)
+    trainer = sequential(hf_zero.ZeroTrainer)(model=build("llama"), args=args, train_dataset=data,
+                                              eval_dataset=trainer_dataset(8) if payload.get("best") else None)
+    if payload.get("stop_at"):  # a run that dies after its checkpoint at step ``stop_at``
+        from transformers import TrainerCallback
+
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step >= payload["stop_at"]:
+                    control.should_training_stop = True
+
+        trainer.add_callback(Stop())
+    trainer.train(resume_from_checkpoint=payload.get("resume"))
+    sd = trainer.zero_engine.full_state_dict()
+    res = {"losses": {int(h["step"]): h["loss"] for h in trainer.state.log_history if "loss" in h},
+           "global_step": trainer.state.global_step, "best": trainer.state.best_model_checkpoint,
+           "weights_sum": float(sum(v.double().abs().sum() for v in sd.values()))}
+    if payload.get("best") and trainer.state.best_model_checkpoint:
+        from safetensors.torch import load_file
+
+        best = load_file(os.path.join(trainer.state.best_model_checkpoint, "model.safetensors"))
+        res["best_diff"] = max(float((best[k].float() - sd[k]).abs().max()) for k in best)
+    trainer.accelerator.free_memory()
+    return res
+
+
+def accelerate_resume(payload, out_dir: Path):
+    """A plain Accelerate loop (stage from payload) over 24 samples, micro 2, accumulation 2:
+    ``stop_after`` updates then save_state; or load_state and run the rest."""
+    from torch.utils.data import DataLoader
+
+    case = {"stage": payload["stage"], "accum": 2, "micro": 2}
+    accelerator = _zero_accelerator(case)
+    model = build("llama")
+    opt = torch.optim.AdamW(grouped_params(model), lr=LR, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.1 * s))
+    data = [{"input_ids": x, "labels": x.clone()} for x in samples(24)]
+    dl = DataLoader(data, batch_size=2, shuffle=False)
+    model, opt, dl, sched = accelerator.prepare(model, opt, dl, sched)
+    start = 0
+    if payload.get("load"):
+        accelerator.load_state(payload["load"])
+        start = payload["skip_batches"]
+        dl = accelerator.skip_first_batches(dl, start)
+    losses, pending, updates = [], [], 0
+    for batch in dl:
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            pending.append(loss.item())
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), CLIP)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            if accelerator.sync_gradients:
+                losses.append(sum(pending) / len(pending))
+                pending = []
+                updates += 1
+                if payload.get("save") and updates == payload["stop_after"]:
+                    accelerator.save_state(payload["save"])
+                    break
+    sd = accelerator.get_state_dict(model)
+    res = {"losses": losses, "lr": opt.param_groups[0]["lr"],
+           "weights_sum": float(sum(v.double().abs().sum() for v in sd.values()))}
+    accelerator.free_memory()
+    return res

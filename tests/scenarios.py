@@ -219,3 +219,41 @@ def errors(payload, out_dir: Path):
         **base, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}},
         "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}))
     return out
+
+
+def _hwm_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def meta_loading(payload, out_dir: Path):
+    """Rank 0 reads the pretrained weights, the others build on 'meta': train a few steps and
+    report the weights and each rank's peak-memory growth while loading."""
+    rank, world = init_distributed()
+    from transformers import LlamaForCausalLM
+
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS counter
+    before = _hwm_mb()
+    if payload["meta"]:
+        model = hf_zero.from_pretrained(LlamaForCausalLM, payload["path"])
+    else:
+        model = LlamaForCausalLM.from_pretrained(payload["path"])
+    was_meta = any(p.is_meta for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": payload["stage"]}}
+    engine, *_ = hf_zero.initialize(model=model, optimizer=opt, config=cfg)
+    grew = _hwm_mb() - before
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        ids = torch.randint(0, 256, (2, 16), generator=g)
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+    sd = engine.full_state_dict()
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        save_file({k: v.clone() for k, v in sd.items()}, str(out_dir / "weights.safetensors"))
+    return {"was_meta": was_meta, "peak_growth_mb": grew, "loss": loss.item()}

@@ -340,11 +340,16 @@ def _check_model_matches(engine, index: Index) -> None:
 
 
 def load_checkpoint(engine, load_dir, tag: Optional[str] = None, load_optimizer_states: bool = True,
-                    load_lr_scheduler_states: bool = True, verify: bool = True) -> Tuple[Path, dict]:
+                    load_lr_scheduler_states: bool = True, verify: bool = True,
+                    load_module_only: bool = False) -> Tuple[Path, dict]:
     """Collective: restore ``engine`` from a checkpoint written at any world size and stage.
 
+    ``load_module_only`` restores the weights alone (e.g. the best model at the end of
+    training): optimizer states, schedulers, loss scale, step counters and RNG stay as they are.
     Returns ``(checkpoint_dir, client_state)``.
     """
+    if load_module_only:
+        load_optimizer_states = load_lr_scheduler_states = False
     directory = resolve_tag(Path(load_dir), tag)
     index = Index.read(directory)
     _check_model_matches(engine, index)
@@ -420,6 +425,9 @@ def load_checkpoint(engine, load_dir, tag: Optional[str] = None, load_optimizer_
             if buf is not None:
                 buf.copy_(reader._file(0).get_tensor(f"buffer.{name}").to(buf.device, buf.dtype))
 
+    if load_module_only:
+        engine.comm.barrier()
+        return directory, _from_json(index.data.get("client_state") or {})
     sched_state = index.data.get("lr_scheduler")
     if load_lr_scheduler_states and sched_state is not None and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(_from_json(sched_state))

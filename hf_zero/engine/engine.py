@@ -86,8 +86,8 @@ class ZeroEngine:
         self._last_grad_norm: Optional[torch.Tensor] = None
         self._last_comm = CommTotals()
 
-        self.module = model.to(device)
-        self._sync_module_states()
+        self.module = self._place(model, device)
+        self._sync_buffers()
         self.optimizer = self._make_optimizer(optimizer, model_parameters)
         check_elementwise(self.optimizer, allow_untested=config.zero_allow_untested_optimizer)
         self.units = self._build_units()
@@ -123,12 +123,45 @@ class ZeroEngine:
 
     # ------------------------------------------------------------------------------ set-up
     @torch.no_grad()
-    def _sync_module_states(self) -> None:
-        """Make every rank start from rank 0's parameters and buffers (as DDP does)."""
+    def _place(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """Move the model to ``device``. Parameters on the meta device (ranks other than 0 that
+        never loaded the weights, see hf_zero.loading) become zero-stride placeholders of the
+        right shape, keeping their identity; their values arrive from rank 0 in
+        :meth:`_initial_values`."""
+        meta = [p for p in model.parameters() if p.is_meta]
+        if meta and self.rank == 0:
+            raise ValueError("rank 0 must hold the real weights; only the other ranks may build the model on 'meta'")
+        for p in meta:
+            placeholder = nn.Parameter(torch.zeros((), dtype=p.dtype, device=device).expand(p.shape),
+                                       requires_grad=p.requires_grad)
+            torch.utils.swap_tensors(p, placeholder)
+        for module in model.modules():
+            for name, b in list(module._buffers.items()):
+                if b is not None and b.is_meta:
+                    module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
+        return model.to(device)
+
+    @torch.no_grad()
+    def _sync_buffers(self) -> None:
+        """Every rank starts from rank 0's buffers (parameters follow unit by unit)."""
         if self.world_size == 1:
             return
-        for t in list(self.module.parameters()) + list(self.module.buffers()):
-            self.comm.broadcast(t.data)
+        for b in self.module.buffers():
+            self.comm.broadcast(b.data)
+
+    @torch.no_grad()
+    def _initial_values(self, params: Sequence[nn.Parameter]) -> Optional[torch.Tensor]:
+        """Rank 0's values of ``params``, flattened in fp32 and broadcast (None in a world of
+        one: the parameters are read directly). One unit at a time, so a rank that built the
+        model on the meta device never holds more than one unit's weights."""
+        if self.world_size == 1:
+            return None
+        numel = sum(p.numel() for p in params)
+        buf = torch.empty(numel, dtype=torch.float32, device=self.device)
+        if self.rank == 0:
+            torch.cat([p.detach().reshape(-1).float() for p in params], out=buf)
+        self.comm.broadcast(buf)
+        return buf
 
     def _make_optimizer(self, optimizer, model_parameters) -> torch.optim.Optimizer:
         if isinstance(optimizer, torch.optim.Optimizer):
@@ -178,6 +211,7 @@ class ZeroEngine:
                     alignment=16,
                     master_dtype=torch.float32,
                     master_device=torch.device("cpu") if self.offload.enabled else None,
+                    source=self._initial_values([p for _, p in named]),
                 )
                 if sharded:
                     flat.detach_shard()
@@ -489,13 +523,14 @@ class ZeroEngine:
         return save_checkpoint(self, save_dir, tag=tag, client_state=client_state, save_latest=save_latest)
 
     def load_checkpoint(self, load_dir, tag=None, load_optimizer_states: bool = True,
-                        load_lr_scheduler_states: bool = True):
+                        load_lr_scheduler_states: bool = True, load_module_only: bool = False):
         """Collective: resume from a checkpoint of any world size and stage; returns
-        ``(checkpoint_dir, client_state)``."""
+        ``(checkpoint_dir, client_state)``. ``load_module_only``: the weights alone."""
         from ..checkpoint.sharded import load_checkpoint
 
         return load_checkpoint(self, load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
-                               load_lr_scheduler_states=load_lr_scheduler_states)
+                               load_lr_scheduler_states=load_lr_scheduler_states,
+                               load_module_only=load_module_only)
 
     def save_pretrained(self, out_dir, dtype=None, max_shard_size="5GB"):
         """Collective: Hugging Face safetensors of the current weights, written by rank 0."""

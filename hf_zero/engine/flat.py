@@ -65,6 +65,7 @@ class FlatParam:
         alignment: int = 16,
         master_dtype: Optional[torch.dtype] = None,
         master_device: Optional[torch.device] = None,
+        source: Optional[torch.Tensor] = None,
     ):
         assert len(params) == len(names) and params, "a flat buffer needs at least one parameter"
         self.params: List[nn.Parameter] = list(params)
@@ -88,11 +89,14 @@ class FlatParam:
         self.shard_numel = self.padded_numel // shard_world
         self.shard_start = shard_rank * self.shard_numel
 
-        # Copy the current values in; padding stays zero.
+        # The initial values: ``source`` (the parameters already flattened, e.g. as broadcast
+        # from rank 0 in fp32) or the parameters themselves. Padding stays zero.
+        if source is None:
+            source = torch.cat([p.detach().reshape(-1) for p in self.params]) if self.params else torch.zeros(0)
+        assert source.numel() == total, (source.numel(), total)
         self.full = torch.zeros(self.padded_numel, dtype=dtype, device=device)
         with torch.no_grad():
-            for p, off, n in zip(self.params, self.offsets, self.numels):
-                self.full[off : off + n].copy_(p.detach().reshape(-1))
+            self.full[:total].copy_(source)
         self.shard = self.full[self.shard_start : self.shard_start + self.shard_numel]
         self.state = FlatState.GATHERED
         # The fp32 master shard, taken from the parameters' original values (before any cast to
@@ -107,11 +111,10 @@ class FlatParam:
             else:
                 pin = master_device.type == "cpu" and device.type == "cuda"
                 self.master = torch.zeros(self.shard_numel, dtype=master_dtype, device=master_device, pin_memory=pin)
-                for seg in self.segments_in_shard():
-                    src = self.params[seg.param_index].detach().reshape(-1)
-                    self.master[seg.shard_start : seg.shard_start + seg.length].copy_(
-                        src[seg.param_start : seg.param_start + seg.length]
-                    )
+                lo = self.shard_start
+                hi = min(total, lo + self.shard_numel)
+                if hi > lo:
+                    self.master[: hi - lo].copy_(source[lo:hi])
         self._bind_views()
 
     # -- views ------------------------------------------------------------------------------

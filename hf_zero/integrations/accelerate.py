@@ -326,43 +326,31 @@ class ZeroAccelerator(Accelerator):
         return super().get_state_dict(model, unwrap=unwrap)
 
     def save_model(self, model, save_directory, max_shard_size="10GB", safe_serialization: bool = True):
-        """Collective under ZeRO: writes the consolidated fp32 weights (``save_pretrained`` format
-        for Hugging Face / PEFT models, else ``model.safetensors``) from the main process."""
+        """Collective under ZeRO. A PEFT model is saved by PEFT's ``save_pretrained`` from the
+        gathered weights (adapter format); any other model by the engine's bounded-memory export
+        (Hugging Face safetensors, one unit gathered at a time)."""
         if not self._is_engine_model(model):
             return super().save_model(model, save_directory, max_shard_size, safe_serialization)
         engine = self.zero_engine
-        if hasattr(engine, "save_pretrained"):
+        unwrapped = self.unwrap_model(model)
+        if not _is_peft_model(unwrapped):
             engine.save_pretrained(save_directory, max_shard_size=max_shard_size)
             self.wait_for_everyone()
             return
         state_dict = engine.full_state_dict()
         if self.is_main_process:
             os.makedirs(save_directory, exist_ok=True)
-            unwrapped = self.unwrap_model(model)
-            if hasattr(unwrapped, "save_pretrained"):
-                unwrapped.save_pretrained(save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
-            else:
-                from safetensors.torch import save_file
-
-                save_file({k: v.contiguous() for k, v in state_dict.items()},
-                          os.path.join(save_directory, "model.safetensors"), metadata={"format": "pt"})
+            unwrapped.save_pretrained(save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
         self.wait_for_everyone()
 
     def save_state(self, output_dir: Optional[str] = None, safe_serialization: bool = True, **kwargs):
-        if self.zero_engine is not None and not hasattr(self.zero_engine, "save_checkpoint"):
-            raise NotImplementedError(
-                "save_state needs the engine's sharded checkpoints, which this version of hf_zero does not have "
-                "yet; use accelerator.save_model(model, dir) for the consolidated weights"
-            )
+        """Under ZeRO: the engine's sharded checkpoint (see docs/checkpoints.md) in ``output_dir``,
+        with the schedulers and Accelerate's step counter as its client state."""
         if self.zero_engine is not None:
             return self._zero_save_state(output_dir)
         return super().save_state(output_dir, safe_serialization=safe_serialization, **kwargs)
 
     def load_state(self, input_dir: Optional[str] = None, **kwargs):
-        if self.zero_engine is not None and not hasattr(self.zero_engine, "load_checkpoint"):
-            raise NotImplementedError(
-                "load_state needs the engine's sharded checkpoints, which this version of hf_zero does not have yet"
-            )
         if self.zero_engine is not None:
             return self._zero_load_state(input_dir)
         return super().load_state(input_dir, **kwargs)
@@ -399,6 +387,14 @@ class ZeroAccelerator(Accelerator):
 #: Keys that, when absent from the user's config, are filled from the caller as if "auto".
 ABSENT_AS_AUTO = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
                   "fp16.enabled", "bf16.enabled")
+
+
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
 
 
 def _absent_as_auto(raw: dict) -> dict:

@@ -188,9 +188,6 @@ class ZeroTrainerMixin:
         self._zero_callback = ZeroCallback(self.accelerator)
         if hasattr(self, "callback_handler"):
             self.add_callback(self._zero_callback)
-        if self.args.save_strategy != "no" and not _engine_has("save_checkpoint"):
-            logger.warning("hf_zero: Trainer checkpoints save the consolidated model only; optimizer and scheduler "
-                           "states are not saved (sharded checkpoints are not built yet), so resuming restarts them")
 
     def _zero_set_values(self, num_training_steps: Optional[int]) -> None:
         values, explicit, origins = trainer_values(self.args, self.accelerator.num_processes, num_training_steps)
@@ -267,20 +264,31 @@ class ZeroTrainerMixin:
         engine = self.zero_engine
         if engine is None:
             return super()._save_optimizer_and_scheduler(output_dir)
-        if hasattr(engine, "save_checkpoint"):
-            engine.save_checkpoint(output_dir, client_state={"lr_scheduler": self.lr_scheduler.state_dict()})
-        # otherwise: optimizer states are sharded and there is no sharded checkpoint yet (warned at start-up)
+        engine.save_checkpoint(output_dir, client_state={"lr_scheduler": self.lr_scheduler.state_dict()})
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         engine = self.zero_engine
         if engine is None or checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
-        if hasattr(engine, "load_checkpoint"):
-            _, client = engine.load_checkpoint(checkpoint)
-            if client and "lr_scheduler" in client:
-                self.lr_scheduler.load_state_dict(client["lr_scheduler"])
-            return
-        raise NotImplementedError("resuming a ZeroTrainer run needs sharded checkpoints, not built yet")
+        _, client = engine.load_checkpoint(checkpoint)
+        if client and "lr_scheduler" in client:
+            self.lr_scheduler.load_state_dict(client["lr_scheduler"])
+
+
+    def _load_best_model(self) -> None:
+        """The best checkpoint's weights come from its sharded checkpoint (exact fp32 masters),
+        not from its exported safetensors, which a sharded model cannot load in place."""
+        engine = self.zero_engine
+        if engine is None:
+            return super()._load_best_model()
+        engine.load_checkpoint(self.state.best_model_checkpoint, load_module_only=True)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Before the engine exists, the Trainer loads the exported weights into the plain model
+        (as for DDP); once it exists, the sharded checkpoint restores everything instead."""
+        if self.zero_engine is not None:
+            return None
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
 
 class ZeroTrainer(ZeroTrainerMixin, Trainer):
@@ -292,9 +300,3 @@ def _accepts_model(method) -> bool:
         return "model" in inspect.signature(method).parameters
     except (TypeError, ValueError):
         return False
-
-
-def _engine_has(name: str) -> bool:
-    from ..engine.engine import ZeroEngine
-
-    return hasattr(ZeroEngine, name)
