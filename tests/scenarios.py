@@ -257,3 +257,20 @@ def meta_loading(payload, out_dir: Path):
 
         save_file({k: v.clone() for k, v in sd.items()}, str(out_dir / "weights.safetensors"))
     return {"was_meta": was_meta, "peak_growth_mb": grew, "loss": loss.item()}
+
+
+def meta_trainer(payload, out_dir: Path):
+    """A ZeroTrainer on a model loaded with hf_zero.from_pretrained (meta on rank 1)."""
+    rank, world = init_distributed()
+    from datasets import Dataset
+    from transformers import LlamaForCausalLM
+
+    model = hf_zero.from_pretrained(LlamaForCausalLM, payload["path"])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (16, 12), generator=g).tolist()
+    args = hf_zero.ZeroTrainingArguments(
+        zero_config={"zero_optimization": {"stage": 3}}, output_dir=str(out_dir / "t"), per_device_train_batch_size=2,
+        max_steps=3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = hf_zero.ZeroTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}))
+    trainer.train()
+    return {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}

@@ -34,3 +34,9 @@ def test_meta_ranks_train_like_full_loading(pretrained, tmp_path, stage):
         # the meta rank never holds the model: its peak grows by far less than rank 0's
         model_mb = sum(v.numel() * 4 for v in a.values() if v.dim()) / 2**20
         assert meta[1]["peak_growth_mb"] < meta[0]["peak_growth_mb"] - 0.5 * model_mb, meta
+
+
+def test_trainer_accepts_a_meta_model(pretrained, tmp_path):
+    res = launch(2, "meta_trainer", {"path": str(pretrained)}, tmp_path)
+    assert len(res[0]["losses"]) == 3 and res[0]["losses"] == res[1]["losses"]
+    assert all(l == l and l < 10 for l in res[0]["losses"])  # finite, sensible

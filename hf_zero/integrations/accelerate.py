@@ -195,6 +195,8 @@ class ZeroAccelerator(Accelerator):
         # The engine casts parameters to the config's compute dtype and keeps fp32 masters, so
         # Accelerate's autocast forward wrapper is not applied.
         native_amp, self.native_amp = self.native_amp, False
+        if any(p.is_meta for p in model.parameters()):
+            device_placement = False  # weights arrive from rank 0 when the engine is built
         try:
             model = super().prepare_model(model, device_placement=device_placement, evaluation_mode=True)
         finally:

@@ -275,6 +275,13 @@ class ZeroTrainerMixin:
             self.lr_scheduler.load_state_dict(client["lr_scheduler"])
 
 
+    def _move_model_to_device(self, model, device) -> None:
+        """The engine places the model itself; a model whose weights are still on the meta
+        device (ranks other than 0 under hf_zero.from_pretrained) must not be moved."""
+        if any(p.is_meta for p in model.parameters()):
+            return None
+        return super()._move_model_to_device(model, device)
+
     def _load_best_model(self) -> None:
         """The best checkpoint's weights come from its sharded checkpoint (exact fp32 masters),
         not from its exported safetensors, which a sharded model cannot load in place."""
