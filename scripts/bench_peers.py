@@ -645,7 +645,7 @@ def render(s: dict) -> str:
         f"{m['transformers']}, deepspeed {m.get('deepspeed')}, {st['threads']} thread(s)/process",
         f"load average at start / end: {s.get('loadavg_start')} / {s.get('loadavg_end')}", "",
     ]
-    rows = [("variant", "median s/step", "p25-p75 s", "ratio to DDP", "model-state MB/rank",
+    rows = [] if not s["variants"] else [("variant", "median s/step", "p25-p75 s", "ratio to DDP", "model-state MB/rank",
              "comm MB/step/rank", "final loss", "peak RSS MB/rank")]
     for k, e in s["variants"].items():
         if "skipped" in e:
@@ -659,10 +659,11 @@ def render(s: dict) -> str:
             per_rank(e["model_state_bytes_per_rank"]), per_rank(e["comm_bytes_last_step_per_rank"]), loss,
             rss if rss != "n/a" else ("n/a: " + e.get("peak_rss_error", "not measured"))[:60],
         ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(rows[0], widths)) + " |")
-    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows[1:]]
+    if rows:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(rows[0], widths)) + " |")
+        lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows[1:]]
     if s.get("max_eval_loss_difference") is not None:
         lines.append(f"max final-loss difference across variants: {s['max_eval_loss_difference']:.3g} "
                      f"(tolerance vs {s['loss_reference']}: {st['loss_tol']:g})")

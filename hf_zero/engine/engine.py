@@ -19,6 +19,7 @@ Note:
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -366,6 +367,13 @@ class ZeroEngine:
     def _make_host_step(self):
         from ..offload.host_step import HostStep
 
+        from ..offload.cpu_optim import cpu_threads_per_rank
+
+        if self.device.type == "cuda" or self.offload.threads:
+            # the CPU is the optimizer's: give this rank its share of the cores (ranks x threads
+            # <= cores); on a CPU-only run, only when asked, since compute uses the same cores
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            torch.set_num_threads(cpu_threads_per_rank(local, self.offload.threads))
         aio = self.config.aio
         pin = self.device.type == "cuda" and self.offload.pin_memory
         return HostStep(self, self.offload.device, nvme_path=self.offload.nvme_path,

@@ -73,6 +73,7 @@ class HostStep:
         self.pending: List[Future] = []
         self.store: Optional[NvmeSwapStore] = None
         self.scalar_state: Dict[int, dict] = {}  # id(piece.param) -> 0-d states (NVMe)
+        self._pipelines: Dict[tuple, SwapPipeline] = {}
         if device_kind == "nvme":
             self.kinds = ["master"] + elementwise_state_kinds(engine.optimizer)
             self.offsets, total = region_layout([f.shard_numel for f in self.flats])
@@ -177,8 +178,13 @@ class HostStep:
             for i in indices:
                 publish(i)
             return
-        regions = [Region(self.offsets[i], self.flats[i].shard_numel) for i in indices]
-        pipeline = SwapPipeline(self.store, regions, buffer_count=self.buffer_count, kinds=self.kinds)
+        key = tuple(indices)
+        pipeline = self._pipelines.get(key)
+        if pipeline is None:
+            regions = [Region(self.offsets[i], self.flats[i].shard_numel) for i in indices]
+            pipeline = SwapPipeline(self.store, regions, buffer_count=self.buffer_count, kinds=self.kinds)
+            if len(indices) == len(self.flats):  # the whole-step pipeline: reuse its buffers
+                self._pipelines[key] = pipeline
 
         def step_fn(j, region, tensors):
             i = indices[j]
