@@ -99,6 +99,12 @@ NAMES = {
     "hfz3": "hf_zero stage 3",
     "hfz2-offload": "hf_zero stage 2 + CPU offload",
 }
+# DeepSpeed ZeRO optimizer attributes (0.19) holding fp32 master partitions, gradient partitions,
+# and (stage 3) the parameters it keeps whole; every other tensor attribute counts as a buffer.
+DS_MASTER_ATTRS = {"single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"}
+DS_GRAD_ATTRS = {"averaged_gradients", "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition",
+                 "grad_partitions_flat_buffer"}
+DS_PARAM_ATTRS = {"fp16_groups", "bit16_groups_flat", "fp16_partitioned_groups_flat"}
 DEFAULT_EXT_DIR = os.path.expanduser("~/.cache/torch_extensions_peers")
 
 
@@ -183,9 +189,11 @@ class CommCounter:
 
 
 # ------------------------------------------------------------------------- tensor accounting
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views count once)."""
-    seen, total = set(), 0
+def storage_bytes(tensors, seen=None) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views count once; storages already in
+    ``seen`` are skipped, and the new ones added to it)."""
+    seen = set() if seen is None else seen
+    total = 0
     for t in tensors:
         t = getattr(t, "_local_tensor", t)  # DTensor -> its local shard
         try:
@@ -342,12 +350,25 @@ class Variant:
         inner = getattr(zopt, "optimizer", zopt)
         params = [getattr(q, "ds_tensor", q) for q in self.model.parameters()]
         states = [v for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
-        p = storage_bytes(params)
-        s = storage_bytes(states)
-        everything = storage_bytes(list(tensors_in(zopt)) + params + states)
-        return {"param_bytes": p, "grad_bytes": None, "master_bytes": None, "optimizer_state_bytes": s,
-                "other_engine_bytes": everything - p - s, "model_state_bytes": everything,
-                "note": "all distinct storages reachable from the ZeRO optimizer + module params, before step()"}
+        seen = set()
+        p = storage_bytes(params, seen)
+        s = storage_bytes(states, seen)
+        by_attr = {}
+        for name, value in sorted(vars(zopt).items()):
+            if name != "optimizer":
+                b = storage_bytes(list(tensors_in(value, depth=2)), seen)
+                if b:
+                    by_attr[name] = b
+        master = sum(b for a, b in by_attr.items() if a in DS_MASTER_ATTRS)
+        grads = sum(b for a, b in by_attr.items() if a in DS_GRAD_ATTRS)
+        p += sum(b for a, b in by_attr.items() if a in DS_PARAM_ATTRS)
+        buffers = {a: b for a, b in by_attr.items()
+                   if a not in DS_MASTER_ATTRS | DS_GRAD_ATTRS | DS_PARAM_ATTRS}
+        return {"param_bytes": p, "grad_bytes": grads, "master_bytes": master, "optimizer_state_bytes": s,
+                "model_state_bytes": p + grads + master + s, "other_engine_bytes": sum(buffers.values()),
+                "other_by_attribute": buffers,
+                "note": "distinct storages of the module parameters, the ZeRO optimizer's attributes and its "
+                        "inner optimizer's states, right before engine.step(); other = buffers, not model states"}
 
     def report(self) -> dict:
         n = self.world
@@ -604,7 +625,7 @@ def summarize(args, main_ranks, rss, skipped, machine) -> dict:
             "model_state_bytes_per_rank": [p.get("model_state_bytes") for p in per],
             "model_state_breakdown_per_rank": [
                 {x: p.get(x) for x in ("param_bytes", "grad_bytes", "master_bytes", "optimizer_state_bytes",
-                                       "other_engine_bytes", "note") if x in p} for p in per],
+                                       "other_engine_bytes", "other_by_attribute", "note") if x in p} for p in per],
             "comm_bytes_last_step_per_rank": [p.get("comm_bytes_last_step") for p in per],
             "comm_source": per[0].get("comm_source"),
             "comm_detail_per_rank": [p.get("comm_detail") for p in per],

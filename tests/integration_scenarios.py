@@ -55,17 +55,23 @@ def zero_cfg(stage: int, **extra) -> dict:
 
 
 # ---------------------------------------------------------------------------------- Accelerate
-def accelerate_loop(case: dict, accelerator_factory, n_samples: int = 24):
-    """The plain Accelerate loop users write. Returns (accelerator, model, losses, norms)."""
-    from torch.utils.data import DataLoader
-
-    accelerator = accelerator_factory(case)
+def _model_optimizer_scheduler(case: dict):
+    """The model, AdamW and LambdaLR every Accelerate case and its reference start from."""
     model = lora_model() if case.get("lora") else build("llama")
     if case.get("lora"):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.1)
     else:
         opt = torch.optim.AdamW(grouped_params(model), lr=LR, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.1 * s))
+    return model, opt, sched
+
+
+def accelerate_loop(case: dict, accelerator_factory, n_samples: int = 24):
+    """The plain Accelerate loop users write. Returns (accelerator, model, losses, norms)."""
+    from torch.utils.data import DataLoader
+
+    accelerator = accelerator_factory(case)
+    model, opt, sched = _model_optimizer_scheduler(case)
     ids = samples(n_samples)
     data = [{"input_ids": x, "labels": x.clone()} for x in ids]
     dl = DataLoader(data, batch_size=case["micro"], shuffle=False)
@@ -93,12 +99,7 @@ def accelerate_loop(case: dict, accelerator_factory, n_samples: int = 24):
 def accelerate_reference(case: dict, world: int, n_samples: int = 24):
     """The unsharded single-process loop on the same global batches (the scheduler stepped
     ``world`` times per update, as Accelerate's scheduler wrapper does)."""
-    model = lora_model() if case.get("lora") else build("llama")
-    if case.get("lora"):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.1)
-    else:
-        opt = torch.optim.AdamW(grouped_params(model), lr=LR, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.1 * s))
+    model, opt, sched = _model_optimizer_scheduler(case)
     trainable = [p for p in model.parameters() if p.requires_grad]
     ids = samples(n_samples)
     micro, accum = case["micro"], case["accum"]
@@ -313,9 +314,7 @@ def accelerate_resume(payload, out_dir: Path):
 
     case = {"stage": payload["stage"], "accum": 2, "micro": 2}
     accelerator = _zero_accelerator(case)
-    model = build("llama")
-    opt = torch.optim.AdamW(grouped_params(model), lr=LR, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.1 * s))
+    model, opt, sched = _model_optimizer_scheduler(case)
     data = [{"input_ids": x, "labels": x.clone()} for x in samples(24)]
     dl = DataLoader(data, batch_size=2, shuffle=False)
     model, opt, dl, sched = accelerator.prepare(model, opt, dl, sched)

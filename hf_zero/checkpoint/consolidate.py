@@ -16,7 +16,6 @@ Note:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -182,13 +181,7 @@ def save_pretrained(engine, out_dir, *, dtype=None, max_shard_size="5GB", progre
     engine.flush_pending_update()
     for u in engine.units:
         for f in u.flats:
-            with engine.resident(f) if f.trainable else contextlib.nullcontext():
-                shard = (f.master if f.trainable else f.shard).to(f.device, torch.float32)
-                if f.shard_world == 1:
-                    full = shard
-                else:
-                    full = torch.empty(f.padded_numel, dtype=torch.float32, device=f.device)
-                    engine.comm.all_gather(full, shard)
+            full = engine.gather_fp32(f)
             if writer is not None:
                 for i, p in enumerate(f.params):
                     name = export.get(id(p), (f.names[i],))[0]

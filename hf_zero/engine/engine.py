@@ -501,6 +501,18 @@ class ZeroEngine:
         }
 
     @torch.no_grad()
+    def gather_fp32(self, f: FlatParam) -> torch.Tensor:
+        """Collective: the whole padded buffer of flat ``f`` in fp32 on every rank, from the fp32
+        masters where ``f`` is trained (wherever they are offloaded), else from the parameters."""
+        with self.resident(f) if f.trainable else _nullcontext():
+            shard = (f.master if f.trainable else f.shard).to(f.device, torch.float32)
+            if f.shard_world == 1:
+                return shard
+            full = torch.empty(f.padded_numel, dtype=torch.float32, device=f.device)
+            self.comm.all_gather(full, shard)
+            return full
+
+    @torch.no_grad()
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """Collective: the full fp32 weights (and buffers) keyed as ``module.state_dict()``, on
         every rank, as CPU tensors. Every rank must call it."""
@@ -508,13 +520,7 @@ class ZeroEngine:
         by_param: Dict[int, torch.Tensor] = {}
         for u in self.units:
             for f in u.flats:
-                with self.resident(f) if f.trainable else _nullcontext():
-                    shard = (f.master if f.trainable else f.shard).to(f.device, torch.float32)
-                    if f.shard_world == 1:
-                        full = shard
-                    else:
-                        full = torch.empty(f.padded_numel, dtype=torch.float32, device=f.device)
-                        self.comm.all_gather(full, shard)
+                full = self.gather_fp32(f)
                 for i, p in enumerate(f.params):
                     by_param[id(p)] = f.param_view(full, i).detach().cpu().clone()
         out: Dict[str, torch.Tensor] = {}
