@@ -103,7 +103,7 @@ NAMES = {
 # and (stage 3) the parameters it keeps whole; every other tensor attribute counts as a buffer.
 DS_MASTER_ATTRS = {"single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"}
 DS_GRAD_ATTRS = {"averaged_gradients", "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition",
-                 "grad_partitions_flat_buffer"}
+                 "grad_partitions_flat_buffer", "offload_gradient_dict"}
 DS_PARAM_ATTRS = {"fp16_groups", "bit16_groups_flat", "fp16_partitioned_groups_flat"}
 DEFAULT_EXT_DIR = os.path.expanduser("~/.cache/torch_extensions_peers")
 

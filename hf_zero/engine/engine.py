@@ -450,9 +450,12 @@ class ZeroEngine:
         return self.host.resident(flat, write_back=write_back)
 
     def _gather_updated(self) -> None:
+        """Stages 1-2: every rank's updated shards into the full parameters (issued together,
+        then waited for, so the transfers pipeline)."""
         if self.stage in (1, 2):
-            for f in self._trainable_flats:
-                self.comm.all_gather(f.full, f.shard)
+            handles = [self.comm.all_gather(f.full, f.shard, async_op=True) for f in self._trainable_flats]
+            for h in handles:
+                h.wait()
 
     def _finish_step(self) -> None:
         self.zero_grad()
@@ -493,6 +496,7 @@ class ZeroEngine:
             "grad_bytes": grad_bytes,
             "master_bytes": master_bytes,
             "optimizer_state_bytes": state_bytes,
+            "optimizer_bytes": master_bytes + state_bytes,  # fp32 master + states: ZeRO's "K" bytes
             "model_state_bytes": param_bytes + grad_bytes + master_bytes + state_bytes,
             "offload_optimizer": self.offload.device,
             "device_model_state_bytes": param_bytes + grad_bytes + (0 if self.host else master_bytes + state_bytes),

@@ -111,6 +111,8 @@ class StageRuntime:
         self._in_backward_step = False
         self.on_backward_end: Optional[Callable[[], None]] = None
         self.on_unit_reduced: Optional[Callable[[Unit], None]] = None  # e.g. start its CPU step
+        self._pending: list = []  # reduce-scatters in flight: (handle, full, out, acc, direct)
+        self.max_pending_reductions = 2  # full gradient buffers kept alive by them, at most
 
     # ------------------------------------------------------------------------------ install
     def install(self) -> None:
@@ -313,6 +315,7 @@ class StageRuntime:
                 self.reduce_unit(unit)
             unit.reduced = True
             if self.on_unit_reduced is not None and self.stage >= 2:
+                self.wait_reductions()
                 self.on_unit_reduced(unit)
         self._reduced_upto = max(self._reduced_upto, upto)
         if release:
@@ -326,6 +329,7 @@ class StageRuntime:
         if not self._in_backward_step:
             return
         self.flush(len(self.backward_order), release=True)
+        self.wait_reductions()
         self.release_all()
         self._in_backward_step = False
 
@@ -339,23 +343,33 @@ class StageRuntime:
             unit.fresh.add(fi)
         return acc
 
-    def _reduce_scatter_into(self, unit: Unit, fi: int, full: torch.Tensor) -> None:
+    def _reduce_scatter_into(self, unit: Unit, fi: int, full: torch.Tensor, async_op: bool = False) -> None:
         """Average ``full`` over ranks into this rank's shard accumulator (first reduction of a
-        window: straight into it; later ones: through a temporary and an add)."""
-        n = self.comm.world_size
+        window: straight into it; later ones: through a temporary and an add). With
+        ``async_op`` the collective runs while backward goes on; :meth:`wait_reductions`
+        completes it (``full`` stays referenced until then)."""
         f = unit.flats[fi]
         if self.predivide != 1.0:
             full.div_(self.predivide)
         acc = self._shard_accumulator(unit, fi)
         direct = fi in unit.fresh and acc.dtype == full.dtype
         out = acc if direct else torch.empty(f.shard_numel, dtype=full.dtype, device=full.device)
-        self.comm.reduce_scatter(out, full)
-        post = n / self.predivide
-        if post != 1.0:
-            out.div_(post)
-        if not direct:
-            acc.add_(out)
+        handle = self.comm.reduce_scatter(out, full, async_op=async_op)
         unit.fresh.discard(fi)
+        self._pending.append((handle, full, out, acc, direct))
+        if not async_op or len(self._pending) > self.max_pending_reductions:
+            self.wait_reductions(keep=0 if not async_op else self.max_pending_reductions)
+
+    def wait_reductions(self, keep: int = 0) -> None:
+        """Complete the oldest pending reduce-scatters until at most ``keep`` remain."""
+        post = self.comm.world_size / self.predivide
+        while len(self._pending) > keep:
+            handle, _full, out, acc, direct = self._pending.pop(0)
+            handle.wait()
+            if post != 1.0:
+                out.div_(post)
+            if not direct:
+                acc.add_(out)
 
     def reduce_unit(self, unit: Unit) -> None:
         """Stage 2/3: reduce-scatter this backward's gradients of ``unit`` into the shards."""
@@ -365,7 +379,7 @@ class StageRuntime:
             full = unit.grad_full.pop(fi, None)
             if full is None:
                 full = torch.zeros(f.padded_numel, dtype=self.comm_dtype or f.dtype, device=f.device)
-            self._reduce_scatter_into(unit, fi, full)
+            self._reduce_scatter_into(unit, fi, full, async_op=True)
 
     def reduce_boundary(self) -> None:
         """Stages 0-1, at the accumulation boundary: average the accumulated full gradients."""
@@ -390,4 +404,5 @@ class StageRuntime:
                 else:
                     work = full if self.comm_dtype in (None, full.dtype) else full.to(self.comm_dtype)
                     unit.grad_shard.pop(fi, None)
-                    self._reduce_scatter_into(unit, fi, work)
+                    self._reduce_scatter_into(unit, fi, work, async_op=True)
+        self.wait_reductions()
