@@ -95,13 +95,47 @@ def initialize(
     dataloader = None
     if training_data is not None:
         dataloader = make_dataloader(training_data, engine.micro_batch_size, comm.rank, comm.world_size, collate_fn)
+        engine.training_dataloader = dataloader
     return engine, engine.optimizer, dataloader, engine.lr_scheduler
 
 
+class ResumableDataLoader:
+    """The training DataLoader ``initialize`` returns: each rank reads its 1/world_size of the
+    dataset in micro-batches, reshuffled every epoch (``DistributedSampler.set_epoch``), and
+    knows its position, so a resumed engine continues with the next unseen micro-batch.
+
+    The position is the engine's micro-step count (one micro-batch per ``engine.step()``):
+    epoch ``micro_steps // len(self)``, batch ``micro_steps % len(self)`` within it. Checkpoints
+    store it; ``engine.load_checkpoint`` moves the loader there.
+    """
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.sampler = loader.sampler
+        self.epoch = 0
+        self._skip = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def seek(self, micro_steps: int) -> None:
+        """Start the next iteration at the micro-batch following ``micro_steps`` consumed ones."""
+        self.epoch, self._skip = divmod(int(micro_steps), max(1, len(self.loader)))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_per_epoch": len(self.loader)}
+
+    def __iter__(self):
+        self.sampler.set_epoch(self.epoch)
+        skip, self._skip = self._skip, 0
+        for i, batch in enumerate(self.loader):
+            if i >= skip:
+                yield batch
+        self.epoch += 1
+
+
 def make_dataloader(dataset, micro_batch_size: int, rank: int, world_size: int, collate_fn=None, seed: int = 0):
-    """Each rank reads its own 1/world_size of ``dataset`` in micro-batches (shuffled per epoch
-    with ``sampler.set_epoch``)."""
     from torch.utils.data import DataLoader, DistributedSampler
 
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, collate_fn=collate_fn)
+    return ResumableDataLoader(DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, collate_fn=collate_fn))

@@ -76,3 +76,28 @@ def train(payload, out_dir: Path):
 
             save_file({k: v.clone() for k, v in sd.items()}, str(Path(payload["export"]) / "reference_full.safetensors"))
     return info
+
+
+def dataloader_resume(payload, out_dir: Path):
+    """initialize(training_data=...): train, or resume and train; report the samples seen."""
+    rank, world = init_distributed()
+    model = build("llama")
+    rows = [{"input_ids": torch.full((6,), i % VOCAB), "labels": torch.full((6,), i % VOCAB)} for i in range(40)]
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 2},
+           "optimizer": {"type": "SGD", "params": {"lr": 0.01}}}
+    engine, _, loader, _ = hf_zero.initialize(model=model, training_data=rows, config=cfg)
+    if payload.get("load"):
+        engine.load_checkpoint(payload["load"])
+    seen = []
+    while engine.micro_steps < payload["stop"]:
+        for batch in loader:
+            seen.append(batch["input_ids"][:, 0].tolist())
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            if payload.get("save") and engine.micro_steps == payload["save_at"]:
+                engine.save_checkpoint(payload["save"])
+                return {"seen": seen}
+            if engine.micro_steps >= payload["stop"]:
+                break
+    return {"seen": seen}

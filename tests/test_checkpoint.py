@@ -238,3 +238,15 @@ def test_resave_same_tag_replaces_atomically(saved):
     engine.save_checkpoint(path.parent, tag=path.name)
     Index.read(path).check_files()
     assert not any(p.name.startswith((".old", ".partial")) for p in path.parent.iterdir())
+
+
+def test_dataloader_position_resumes(tmp_path):
+    """A checkpoint in the second epoch resumes with the next unseen micro-batch of that epoch."""
+    D = "checkpoint_scenarios:dataloader_resume"
+    # 40 samples / 2 ranks / micro 2 = 10 micro-batches per epoch and rank; stop in epoch 2
+    full = launch(2, D, {"stop": 16}, tmp_path / "full")
+    first = launch(2, D, {"stop": 16, "save": str(tmp_path / "ck"), "save_at": 12}, tmp_path / "first")
+    rest = launch(2, D, {"stop": 16, "load": str(tmp_path / "ck")}, tmp_path / "rest")
+    for r in range(2):
+        assert first[r]["seen"] + rest[r]["seen"] == full[r]["seen"]
+        assert len(rest[r]["seen"]) == 4

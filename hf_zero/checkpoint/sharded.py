@@ -252,6 +252,9 @@ def save_checkpoint(engine, save_dir, tag: Optional[str] = None, client_state: O
             },
             "lr_scheduler": _json_safe(sched.state_dict()) if sched is not None and hasattr(sched, "state_dict") else None,
             "loss_scaler": engine.loss_scaler.state_dict(),
+            # the data position: one micro-batch per micro-step (see ResumableDataLoader)
+            "dataloader": ({"micro_steps": engine.micro_steps, **engine.training_dataloader.state_dict()}
+                           if engine.training_dataloader is not None else None),
             "client_state": client_json,
             "zero_config": engine.config.to_dict(),
         }
@@ -436,6 +439,8 @@ def load_checkpoint(engine, load_dir, tag: Optional[str] = None, load_optimizer_
     engine.micro_steps = index.data["micro_steps"]
     engine.skipped_steps = index.data["skipped_steps"]
     engine.zero_grad()
+    if engine.training_dataloader is not None:
+        engine.training_dataloader.seek(engine.micro_steps)
     if index.world_size == engine.world_size:
         _restore_rng(reader, index, engine)
     engine.comm.barrier()

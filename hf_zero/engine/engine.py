@@ -83,6 +83,7 @@ class ZeroEngine:
         self.compute_dtype = config.compute_dtype
         self.micro_steps = 0
         self.global_steps = 0
+        self.training_dataloader = None  # set by initialize(training_data=...); checkpoints seek it
         self.skipped_steps = 0
         self._last_grad_norm: Optional[torch.Tensor] = None
         self._last_comm = CommTotals()
