@@ -72,6 +72,11 @@ class ZeroEngine:
                 "offload_optimizer, works)"
             )
         self.offload = zo.offload_optimizer
+        if self.offload.enabled and self.offload.ratio != 1.0:
+            raise NotImplementedError(
+                f"zero_optimization.offload_optimizer.ratio={self.offload.ratio}: partial offload is not "
+                "built; hf_zero offloads all of the optimizer state (ratio 1.0) or none"
+            )
         self.config = config
         self.comm = comm
         self.device = device
