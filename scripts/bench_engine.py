@@ -545,12 +545,8 @@ def render(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 1 warm-up step, 2 rounds of 1 step, 2-step RSS launches")
-    ap.add_argument("--world-size", type=int, default=2)
+def add_run_args(ap: argparse.ArgumentParser, *, rounds: int) -> None:
+    """The model, data and schedule options shared with scripts/bench_peers.py."""
     ap.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads per process")
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -564,10 +560,19 @@ def parse_args(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--steps-per-round", type=int, default=3)
     ap.add_argument("--rss-steps", type=int, default=3, help="steps run in each per-variant RSS launch")
     ap.add_argument("--no-rss", action="store_true", help="skip the per-variant peak-RSS launches")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 1 warm-up step, 2 rounds of 1 step, 2-step RSS launches")
+    ap.add_argument("--world-size", type=int, default=2)
+    add_run_args(ap, rounds=8)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of ddp,0,1,2,3")
     ap.add_argument("--json", default="runs/bench_engine.json", help="where to write all figures")
     ap.add_argument("--timeout", type=float, default=1500.0, help="seconds per launch")

@@ -73,6 +73,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import (  # noqa: E402  (stdlib-only at import time)
     MB,
+    add_run_args,
     build_model,
     free_port,
     loadavg,
@@ -711,23 +712,7 @@ def parse_args(argv=None):
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: NCCL, one process per GPU (world size defaults to the GPU count)")
     ap.add_argument("--world-size", type=int, default=None, help="default: 2 on CPU, the GPU count on CUDA")
-    ap.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads per process")
-    ap.add_argument("--micro-batch", type=int, default=2)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--intermediate", type=int, default=1408)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--steps-per-round", type=int, default=3)
-    ap.add_argument("--rss-steps", type=int, default=3)
-    ap.add_argument("--no-rss", action="store_true")
+    add_run_args(ap, rounds=6)
     ap.add_argument("--loss-tol", type=float, default=1e-4, help="largest accepted |loss - DDP loss|")
     ap.add_argument("--ttfs", default="ds2-offload,hfz2-offload",
                     help="variants whose time to first step is measured (empty: none)")
