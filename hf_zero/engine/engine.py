@@ -80,6 +80,7 @@ class ZeroEngine:
         self.config = config
         self.comm = comm
         self.device = device
+        self.alignment = alignment
         self.stage = config.zero_optimization.stage
         self.rank, self.world_size = comm.rank, comm.world_size
         self.gradient_accumulation_steps = int(config.gradient_accumulation_steps)
@@ -215,7 +216,7 @@ class ZeroEngine:
                     shard_rank=shard_rank,
                     shard_world=shard_world,
                     sharded=sharded,
-                    alignment=16,
+                    alignment=self.alignment,
                     master_dtype=torch.float32,
                     master_device=torch.device("cpu") if self.offload.enabled else None,
                     source=self._initial_values([p for _, p in named]),
