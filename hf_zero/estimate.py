@@ -435,7 +435,7 @@ def plan(shape: ModelShape, gpus: int, gpu_memory_gb: float, nodes: int = 1, *,
             reasons.append(f"{setup.label} needs {e.gpu_total / GB:.1f} GB per GPU: too much.")
             continue
         if not cpu_ok(e):
-            nv = Setup(setup.stage, "nvme", "nvme" if setup.offload_param != "none" else "none")
+            nv = Setup(setup.stage, "nvme", setup.offload_param)  # parameter offload to NVMe is not built
             e2 = est(nv)
             reasons.append(f"{setup.label} fits the GPU ({e.gpu_total / GB:.1f} GB) but needs {e.node(e.cpu) / GB:.0f} GB "
                            f"of CPU memory per node (> 90% of {cpu_memory_gb:g} GB): offload to NVMe instead "

@@ -50,7 +50,9 @@ def test_missing_optimizer(results):
         assert "optimizer" in r["errors"]["no_optimizer"] and "config" in r["errors"]["no_optimizer"]
 
 
-def test_parameter_offload_is_refused_until_built(results):
+def test_parameter_offload_limits(results):
     for r in results:
         msg = r["errors"]["offload_param"]
-        assert msg.startswith("NotImplementedError") and "offload_param" in msg and "none" in msg
+        assert msg.startswith("NotImplementedError") and "offload_param" in msg and "nvme" in msg and "cpu" in msg
+        msg = r["errors"]["offload_param_alone"]
+        assert msg.startswith("ValueError") and "offload_optimizer" in msg

@@ -20,9 +20,12 @@ EXACT = [dict(model=m, stage=s, opt=o, clip=c, accum=2, offload=d)
          for c in (0.5, 0.0)]
 MIXED = [dict(model="llama", stage=s, opt="sgd", clip=0.5, accum=2, offload=d, dtype="bf16") for s in (2, 3) for d in ("cpu", "nvme")]
 DELAYED = [dict(model="llama", stage=2, opt="adamw", clip=0.5, accum=2, offload="cpu", delayed=True, steps=3)]
+# stage 3 with the parameter shards in CPU RAM too
+PARAMS = [dict(model=m, stage=3, opt=o, clip=c, accum=2, offload=d, offload_param="cpu")
+          for m, o in (("llama", "adamw"), ("gpt2", "sgd")) for d in ("cpu", "nvme") for c in (0.5, 0.0)]
 # the same runs without offload, for a bitwise comparison
 TWINS = [dict(model="llama", stage=s, opt="adamw", clip=c, accum=2) for s in (1, 2, 3) for c in (0.5, 0.0)]
-CASES = EXACT + MIXED + DELAYED + TWINS
+CASES = EXACT + MIXED + DELAYED + TWINS + PARAMS
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=lambda w: f"world{w}")
@@ -35,7 +38,7 @@ def run(request, tmp_path_factory):
     return world, out, results, leftovers
 
 
-@pytest.mark.parametrize("case", EXACT + MIXED, ids=case_id)
+@pytest.mark.parametrize("case", EXACT + MIXED + PARAMS, ids=case_id)
 def test_offloaded_weights_match_reference(run, case):
     world, out, results, _ = run
     ref_model, ref_losses = reference_run(case["model"], case["opt"], batches(3, 2, world), case["clip"])
@@ -73,10 +76,11 @@ def test_swap_files_removed(run):
     assert leftovers == []
 
 
-def _tiny_engine(offload: dict, stage=2):
+def _tiny_engine(offload: dict, stage=2, offload_param: str = "none"):
     model = build("llama")
     cfg = {"train_micro_batch_size_per_gpu": 2,
-           "zero_optimization": {"stage": stage, "offload_optimizer": offload},
+           "zero_optimization": {"stage": stage, "offload_optimizer": offload,
+                                 "offload_param": {"device": offload_param}},
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
     return hf_zero.initialize(model=model, config=cfg)[0]
 
@@ -111,7 +115,8 @@ raise RuntimeError("user code failed mid-training")
 
 
 def test_offloaded_checkpoint_resumes_without_offload(tmp_path):
-    """Saved with NVMe offload, resumed with none (and the other way): same continuation."""
+    """Saved at stage 3 with parameters in CPU RAM and optimizer states on NVMe, resumed with no
+    offload (and the other way): the same continuation."""
     data = batches(4, 1, 1)
 
     def train(engine, steps):
@@ -126,7 +131,7 @@ def test_offloaded_checkpoint_resumes_without_offload(tmp_path):
     plain = _tiny_engine({"device": "none"})
     full = train(plain, range(4))
     plain.destroy()
-    a = _tiny_engine({"device": "nvme", "nvme_path": str(tmp_path)})
+    a = _tiny_engine({"device": "nvme", "nvme_path": str(tmp_path)}, stage=3, offload_param="cpu")
     first = train(a, range(2))
     a.save_checkpoint(tmp_path / "ck")
     a.destroy()

@@ -65,12 +65,18 @@ class ZeroEngine:
         if config.unresolved_keys():
             raise ValueError(f"config has unresolved 'auto' values: {config.unresolved_keys()}")
         zo = config.zero_optimization
-        if zo.offload_param.enabled:
+        if zo.offload_param.device == "nvme":
             raise NotImplementedError(
-                f"zero_optimization.offload_param.device={zo.offload_param.device!r}: parameter offload "
-                "is not built yet in this version of hf_zero; set it to \"none\" (optimizer offload, "
-                "offload_optimizer, works)"
+                "zero_optimization.offload_param.device='nvme': parameter offload to NVMe is not built yet; "
+                "use \"cpu\" (parameter shards in CPU RAM) or \"none\""
             )
+        if zo.offload_param.enabled and not zo.offload_optimizer.enabled:
+            raise ValueError(
+                f"zero_optimization.offload_param.device={zo.offload_param.device!r} needs "
+                "zero_optimization.offload_optimizer too (\"cpu\" or \"nvme\"): with the parameters off "
+                "the device, the fp32 masters and optimizer states must be as well"
+            )
+        self.offload_param = zo.offload_param.enabled
         self.offload = zo.offload_optimizer
         if self.offload.enabled and self.offload.ratio != 1.0:
             raise NotImplementedError(
@@ -222,7 +228,7 @@ class ZeroEngine:
                     source=self._initial_values([p for _, p in named]),
                 )
                 if sharded:
-                    flat.detach_shard()
+                    flat.detach_shard(torch.device("cpu") if self.offload_param else None)
                 flats.append(flat)
             if flats:
                 units.append(Unit(len(units), spec.name, spec.module, spec.is_root, flats))
@@ -506,7 +512,9 @@ class ZeroEngine:
             "optimizer_bytes": master_bytes + state_bytes,  # fp32 master + states: ZeRO's "K" bytes
             "model_state_bytes": param_bytes + grad_bytes + master_bytes + state_bytes,
             "offload_optimizer": self.offload.device,
-            "device_model_state_bytes": param_bytes + grad_bytes + (0 if self.host else master_bytes + state_bytes),
+            "offload_param": self.config.zero_optimization.offload_param.device,
+            "device_model_state_bytes": (0 if self.offload_param else param_bytes) + grad_bytes
+            + (0 if self.host else master_bytes + state_bytes),
             **host,
             "comm_bytes_last_step": self._last_comm.as_dict(),
         }

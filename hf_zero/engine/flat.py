@@ -137,12 +137,18 @@ class FlatParam:
         return out
 
     # -- stage 3 lifecycle ------------------------------------------------------------------
-    def detach_shard(self) -> None:
-        """Make ``shard`` its own storage and free ``full`` (entering the sharded state)."""
+    def detach_shard(self, shard_device: Optional[torch.device] = None) -> None:
+        """Make ``shard`` its own storage, on ``shard_device`` (parameter offload: the CPU, pinned
+        when the compute device is a GPU), and free ``full`` (entering the sharded state)."""
         assert self.sharded and self.state is FlatState.GATHERED
-        self.shard = self.shard.clone()
-        if self.master_is_shard and self.master is not None:
-            self.master = self.shard
+        target = torch.device(shard_device) if shard_device is not None else self.device
+        pin = target.type == "cpu" and self.device.type == "cuda"
+        shard = torch.empty(self.shard_numel, dtype=self.dtype, device=target, pin_memory=pin)
+        shard.copy_(self.shard)
+        self.shard = shard
+        if self.master is not None and self.master.device == shard.device and self.master.dtype == shard.dtype:
+            self.master = shard  # fp32 with both offloaded to the CPU: one copy, not two
+            self.master_is_shard = True
         self.free_full()
 
     def free_full(self) -> None:
@@ -158,5 +164,6 @@ class FlatParam:
 
     @property
     def persistent_param_bytes(self) -> int:
+        """Bytes of parameter storage this rank keeps between uses (wherever the shard lives)."""
         n = self.shard_numel if self.sharded else self.padded_numel
         return n * self.full.element_size()

@@ -63,6 +63,7 @@ class Unit:
         self.flats: List[FlatParam] = list(flats)
         self.trainable: List[FlatParam] = [f for f in self.flats if f.trainable]
         self.handles: List[Handle] = []
+        self.in_flight: List[torch.Tensor] = []  # inputs of gathers not yet waited for
         # gradients
         self.grad_full: Dict[int, Optional[torch.Tensor]] = {}  # flat index -> full-size grad buffer
         self.grad_shard: Dict[int, Optional[torch.Tensor]] = {}  # flat index -> shard accumulator
@@ -164,8 +165,11 @@ class StageRuntime:
             return
         for f in unit.flats:
             f.alloc_full()
+            # an offloaded shard comes up to the device first; the copy lives until the wait
+            shard = f.shard if f.shard.device == f.full.device else f.shard.to(f.full.device, non_blocking=True)
             with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(f.full):
-                unit.handles.append(self.comm.all_gather(f.full, f.shard, async_op=async_op))
+                unit.handles.append(self.comm.all_gather(f.full, shard, async_op=async_op))
+            unit.in_flight.append(shard)
             f.state = FlatState.GATHERING
         if not async_op:
             self.wait(unit)
@@ -174,6 +178,7 @@ class StageRuntime:
         for h in unit.handles:
             h.wait()
         unit.handles.clear()
+        unit.in_flight.clear()
         for f in unit.flats:
             f.state = FlatState.GATHERED
 
