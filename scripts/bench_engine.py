@@ -322,19 +322,7 @@ def worker(args) -> None:
                 times[k].append(dt)
 
         t_start = time.perf_counter()
-        for w in range(args.warmup):
-            for k in keys:
-                run(k, timed=False)
-        say(f"[bench] warm-up done ({args.warmup} step(s) per variant, {time.perf_counter() - t_start:.1f}s)")
-        for r in range(args.rounds):
-            order = keys[r % len(keys):] + keys[: r % len(keys)]
-            for k in order:
-                for _ in range(args.steps_per_round):
-                    run(k, timed=True)
-            if rank == 0:
-                med = {k: statistics.median(times[k]) for k in keys}
-                say(f"[bench] round {r + 1}/{args.rounds} ({time.perf_counter() - t_start:.0f}s); median so far: "
-                    + ", ".join(f"{k}={med[k]:.3f}s" for k in keys))
+        run_rounds(keys, run, times, args, say, "bench", t_start)
         result["wall_s"] = time.perf_counter() - t_start
         result["variants"] = {}
         for k in keys:
@@ -543,6 +531,23 @@ def render(summary: dict) -> str:
             f" (formula {e['formula_comm_bytes_per_step'] / MB:.2f})"
         )
     return "\n".join(lines)
+
+
+def run_rounds(keys, run, times, args, say, tag: str, t_start: float) -> None:
+    """The timing schedule shared with bench_peers.py: ``args.warmup`` untimed steps per variant,
+    then ``args.rounds`` rounds of ``args.steps_per_round`` timed steps each, the variant order
+    rotating every round so machine noise hits all variants alike."""
+    for _ in range(args.warmup):
+        for k in keys:
+            run(k, timed=False)
+    say(f"[{tag}] warm-up done ({args.warmup} step(s) per variant, {time.perf_counter() - t_start:.1f}s)")
+    for r in range(args.rounds):
+        order = keys[r % len(keys):] + keys[: r % len(keys)]
+        for k in order:
+            for _ in range(args.steps_per_round):
+                run(k, timed=True)
+        say(f"[{tag}] round {r + 1}/{args.rounds} ({time.perf_counter() - t_start:.0f}s); median so far: "
+            + ", ".join(f"{k}={statistics.median(times[k]):.3f}s" for k in keys))
 
 
 def add_run_args(ap: argparse.ArgumentParser, *, rounds: int) -> None:

@@ -74,6 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import (  # noqa: E402  (stdlib-only at import time)
     MB,
     add_run_args,
+    run_rounds,
     build_model,
     free_port,
     loadavg,
@@ -491,16 +492,7 @@ def worker(args) -> None:
                 times[k].append(time.perf_counter() - t0)
 
         t_start = time.perf_counter()
-        for _ in range(args.warmup):
-            for k in keys:
-                run(k, timed=False)
-        for r in range(args.rounds):
-            order = keys[r % len(keys):] + keys[: r % len(keys)]
-            for k in order:
-                for _ in range(args.steps_per_round):
-                    run(k, timed=True)
-            say(f"[peers] round {r + 1}/{args.rounds} ({time.perf_counter() - t_start:.0f}s); median so far: "
-                + ", ".join(f"{k}={statistics.median(times[k]):.3f}" for k in keys))
+        run_rounds(keys, run, times, args, say, "peers", t_start)
         result["wall_s"] = time.perf_counter() - t_start
         result["variants"] = {}
         for k in keys:
