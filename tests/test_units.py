@@ -8,7 +8,8 @@ import torch.nn as nn
 
 from hf_zero.engine.collectives import Collectives
 from hf_zero.engine.flat import FlatParam, padded_size
-from hf_zero.engine.optim import OptimizerNotSupported, check_elementwise, make_pieces
+from hf_zero.engine.optim import (OptimizerNotSupported, check_elementwise, clip_coefficient, global_grad_norm_sq,
+                                  make_pieces, naive_grad_norm)
 from hf_zero.engine.precision import LossScaler, local_overflow
 from hf_zero.engine.units import build_units, find_layer_modules
 from hf_zero.memory import comm_bytes_per_step, model_state_bytes
@@ -172,3 +173,22 @@ def test_memory_formulas_reproduce_the_zero_paper_7b_on_4_gpus():
     ddp = comm_bytes_per_step(psi, 0, 8)
     assert comm_bytes_per_step(psi, 2, 8) == pytest.approx(ddp)
     assert comm_bytes_per_step(psi, 3, 8) == pytest.approx(1.5 * ddp)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_grad_norm_on_flat_shards_matches_naive_norm(world):
+    """The fast path (sum of squares over every rank's padded flat shard) against the naive
+    per-parameter norm, and the clip coefficient against torch.nn.utils.clip_grad_norm_."""
+    params = _params((3, 5), (7,), (2, 2, 2))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    flat_grad = torch.zeros(padded_size(sum(p.numel() for p in params), 4, world))
+    flat_grad[: sum(p.numel() for p in params)] = torch.cat([p.grad.reshape(-1) for p in params])
+    shards = flat_grad.chunk(world)
+    total = torch.stack([global_grad_norm_sq([s]) for s in shards]).sum().sqrt()  # the all-reduce
+    assert float(total) == pytest.approx(naive_grad_norm(params), rel=1e-6)
+    coef = clip_coefficient(total, 0.5)
+    reference = [p.grad.clone() for p in params]
+    torch.nn.utils.clip_grad_norm_(params, 0.5)
+    for p, g in zip(params, reference):
+        torch.testing.assert_close(g * coef, p.grad)

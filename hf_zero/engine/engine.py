@@ -571,21 +571,6 @@ class ZeroEngine:
 
         return save_pretrained(self, out_dir, dtype=dtype, max_shard_size=max_shard_size)
 
-    def gathered_parameters(self):
-        """Context manager: at stage 3, every unit gathered (e.g. for inspection or export)."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def ctx():
-            for u in self.units:
-                self.runtime.gather(u)
-            try:
-                yield
-            finally:
-                self.runtime.release_all()
-
-        return ctx()
-
     def destroy(self) -> None:
         """Remove the engine's hooks and release offload resources (swap files); the parameters
         stay views of the flat buffers."""
