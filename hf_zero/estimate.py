@@ -435,11 +435,16 @@ def plan(shape: ModelShape, gpus: int, gpu_memory_gb: float, nodes: int = 1, *,
             reasons.append(f"{setup.label} needs {e.gpu_total / GB:.1f} GB per GPU: too much.")
             continue
         if not cpu_ok(e):
-            nv = Setup(setup.stage, "nvme", setup.offload_param)  # parameter offload to NVMe is not built
+            # the optimizer states to NVMe first; parameter shards as well if that is not enough
+            nv = Setup(setup.stage, "nvme", setup.offload_param)
             e2 = est(nv)
+            if setup.offload_param == "cpu" and not cpu_ok(e2):
+                nv = Setup(setup.stage, "nvme", "nvme")
+                e2 = est(nv)
             reasons.append(f"{setup.label} fits the GPU ({e.gpu_total / GB:.1f} GB) but needs {e.node(e.cpu) / GB:.0f} GB "
                            f"of CPU memory per node (> 90% of {cpu_memory_gb:g} GB): offload to NVMe instead "
-                           f"({e2.node(e2.nvme) / GB:.0f} GB of NVMe per node).")
+                           f"({nv.label}: {e2.node(e2.nvme) / GB:.0f} GB of NVMe and {e2.node(e2.cpu) / GB:.0f} GB of "
+                           f"CPU memory per node).")
             return Plan(nv, e2, reasons, True)
         reasons.append(f"{setup.label} fits: {e.gpu_total / GB:.1f} GB per GPU, {e.node(e.cpu) / GB:.0f} GB of CPU "
                        f"memory per node" + (f" (of {cpu_memory_gb:g} GB)" if cpu_memory_gb else

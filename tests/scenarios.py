@@ -36,6 +36,8 @@ def engine_config(case: dict, world: int) -> dict:
         cfg["zero_optimization"]["offload_optimizer"] = off
     if case.get("offload_param"):
         cfg["zero_optimization"]["offload_param"] = {"device": case["offload_param"]}
+        if case["offload_param"] == "nvme":
+            cfg["zero_optimization"]["offload_param"]["nvme_path"] = os.environ["HF_ZERO_TEST_NVME"]
     return cfg
 
 
@@ -218,7 +220,8 @@ def errors(payload, out_dir: Path):
     attempt("untested_allowed", lambda: custom(True))
     attempt("no_optimizer", lambda: hf_zero.initialize(model=build("llama"), config=base))
     attempt("offload_param", lambda: hf_zero.initialize(model=build("llama"), config={
-        **base, "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(out_dir)},
+        **base, "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme",
+                                                                    "nvme_path": str(out_dir / "absent")},
                                       "offload_optimizer": {"device": "cpu"}},
         "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}))
     attempt("offload_param_alone", lambda: hf_zero.initialize(model=build("llama"), config={

@@ -80,6 +80,12 @@ def test_plan_decisions():
     assert p.setup == Setup(3)
     p = plan(shape_from_count(70e9), 1, 24, activations=None)
     assert p.setup.offload_param != "none"
+    # 70B on 8 x 24 GB: 140 GB of bf16 shards + 840 GB of fp32 Adam states leave the GPUs
+    p = plan(shape_from_count(70e9), 8, 24, activations=None, cpu_memory_gb=1024)  # 980 GB > 90%
+    assert p.setup == Setup(3, "nvme", "cpu")                                      # 140 GB fits
+    p = plan(shape_from_count(70e9), 8, 24, activations=None, cpu_memory_gb=128)   # 140 GB > 115 GB
+    assert p.setup == Setup(3, "nvme", "nvme") and p.fits
+    assert p.zero_config("/nvme")["zero_optimization"]["offload_param"]["nvme_path"] == "/nvme"
     assert plan(resolve_model("mistral-7b-8gpu-stage3"), 8, 24).setup == Setup(3)
     assert plan(resolve_model("qwen2.5-7b-4gpu-stage2"), 4, 80).setup == Setup(2)
     assert plan(resolve_model("qwen2.5-14b-1gpu-nvme"), 1, 80, cpu_memory_gb=64).setup == Setup(2, "nvme")

@@ -114,7 +114,7 @@ def _rank_tensors(engine) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, float
             if f.shard_world == 1 and engine.rank != 0:
                 continue  # stage 0: rank 0's copy is the checkpoint
             if not f.trainable:
-                out[f"{key}.param"] = f.shard.detach().cpu().contiguous()
+                out[f"{key}.param"] = engine.read_shard(f).detach().cpu().contiguous()
                 continue
             with engine.resident(f):
                 out[f"{key}.master"] = f.master.detach().float().cpu().contiguous()
@@ -392,7 +392,7 @@ def load_checkpoint(engine, load_dir, tag: Optional[str] = None, load_optimizer_
                         kind = "param" if not e.trainable else "master"
                         reader.read(e.flat, kind, e.offset + s.param_start, s.length,
                                     buf[s.shard_start : s.shard_start + s.length])
-                    f.shard.copy_(buf.to(f.shard.device, f.shard.dtype))
+                    engine.write_shard(f, buf, donate=True)
                     _refresh_full(engine, f)
                     continue
                 master = torch.zeros(f.shard_numel, dtype=torch.float32)
@@ -410,7 +410,7 @@ def load_checkpoint(engine, load_dir, tag: Optional[str] = None, load_optimizer_
                 with engine.resident(f, write_back=True):
                     f.master.copy_(master.to(f.master.device))
                     if not f.master_is_shard:
-                        f.shard.copy_(f.master)
+                        engine.write_shard(f, f.master)
                     if load_optimizer_states:
                         for piece in pieces_by_flat.get(trainable_index[id(f)], []):
                             st = {k: v[piece.start : piece.end].clone().to(f.master.device) for k, v in states.items()}

@@ -65,11 +65,6 @@ class ZeroEngine:
         if config.unresolved_keys():
             raise ValueError(f"config has unresolved 'auto' values: {config.unresolved_keys()}")
         zo = config.zero_optimization
-        if zo.offload_param.device == "nvme":
-            raise NotImplementedError(
-                "zero_optimization.offload_param.device='nvme': parameter offload to NVMe is not built yet; "
-                "use \"cpu\" (parameter shards in CPU RAM) or \"none\""
-            )
         if zo.offload_param.enabled and not zo.offload_optimizer.enabled:
             raise ValueError(
                 f"zero_optimization.offload_param.device={zo.offload_param.device!r} needs "
@@ -122,7 +117,9 @@ class ZeroEngine:
         comm_dtype = _DTYPES.get(config.communication_data_type) if config.communication_data_type else None
         predivide = float(config.gradient_predivide_factor) if config.prescale_gradients else 1.0
         self.runtime = StageRuntime(
-            self.units, comm, stage=self.stage, comm_dtype=comm_dtype, accum_dtype=accum, predivide=predivide
+            self.units, comm, stage=self.stage, comm_dtype=comm_dtype, accum_dtype=accum, predivide=predivide,
+            shard_source=self.param_swap,
+            read_ahead=max(1, zo.offload_param.buffer_count - 1) if self.param_swap is not None else 0,
         )
         self.runtime.on_backward_end = self.runtime.finish_backward
         self.runtime.install()
@@ -197,23 +194,36 @@ class ZeroEngine:
             )
         return build_optimizer(self.config.optimizer.type, dict(self.config.optimizer.params), params)
 
-    def _build_units(self) -> List[Unit]:
+    def _flat_plan(self) -> List[tuple]:
+        """Per unit spec, its flats to build: ``(spec, [(dtype, [(name, param), ...]), ...])``,
+        one flat per (trainability, dtype), trainable parameters laid out by optimizer group."""
         specs = build_units(self.module, find_layer_modules(self.module))
         group_of = param_group_index(self.optimizer)
-        sharded = self.stage == 3
-        shard_world = 1 if self.stage == 0 else self.world_size
-        shard_rank = 0 if self.stage == 0 else self.rank
-        units: List[Unit] = []
-        for index, spec in enumerate(specs):
-            buckets: Dict[tuple, list] = {}
+        plan = []
+        for spec in specs:
+            buckets: Dict[tuple, tuple] = {}
             for name, p in spec.params:
                 dtype = self.compute_dtype if p.is_floating_point() else p.dtype
                 buckets.setdefault((not p.requires_grad, str(dtype)), (dtype, []))[1].append((name, p))
             flats = []
             for key in sorted(buckets):
                 dtype, named = buckets[key]
-                if named[0][1].requires_grad:  # lay trainable parameters out by optimizer group
+                if named[0][1].requires_grad:
                     named = sorted(named, key=lambda np_: group_of.get(id(np_[1]), len(group_of)))
+                flats.append((dtype, named))
+            plan.append((spec, flats))
+        return plan
+
+    def _build_units(self) -> List[Unit]:
+        plan = self._flat_plan()
+        sharded = self.stage == 3
+        shard_world = 1 if self.stage == 0 else self.world_size
+        shard_rank = 0 if self.stage == 0 else self.rank
+        self.param_swap = self._make_param_swap(plan, shard_world) if sharded else None
+        units: List[Unit] = []
+        for spec, planned in plan:
+            flats = []
+            for dtype, named in planned:
                 flat = FlatParam(
                     [p for _, p in named],
                     [n for n, _ in named],
@@ -227,7 +237,9 @@ class ZeroEngine:
                     master_device=torch.device("cpu") if self.offload.enabled else None,
                     source=self._initial_values([p for _, p in named]),
                 )
-                if sharded:
+                if self.param_swap is not None:
+                    self.param_swap.adopt(flat)  # written to its swap region now: one unit in RAM
+                elif sharded:
                     flat.detach_shard(torch.device("cpu") if self.offload_param else None)
                 flats.append(flat)
             if flats:
@@ -235,6 +247,40 @@ class ZeroEngine:
             elif spec.is_root:
                 units.append(Unit(len(units), spec.name, spec.module, True, []))
         return units
+
+    def _make_param_swap(self, plan, shard_world: int):
+        """Stage 3 with ``offload_param.device == "nvme"``: the swap file for every flat's shard,
+        sized from the plan before any flat exists (see :mod:`hf_zero.offload.param_swap`)."""
+        op = self.config.zero_optimization.offload_param
+        if op.device != "nvme":
+            return None
+        from ..offload.param_swap import ParamSwap
+        from .flat import padded_size
+
+        sizes, unit_of = [], []
+        for ui, (_, planned) in enumerate(plan):
+            for dtype, named in planned:
+                numel = sum(p.numel() for _, p in named)
+                sizes.append((padded_size(numel, self.alignment, shard_world) // shard_world, dtype))
+                unit_of.append(ui)
+        aio = self.config.aio
+        return ParamSwap(sizes, unit_of, nvme_path=op.nvme_path, rank=self.rank,
+                         buffer_count=max(2, op.buffer_count), block_size=aio.block_size,
+                         threads=max(1, aio.thread_count), pin=self.device.type == "cuda")
+
+    # -- where a flat's shard lives: its tensor, or (parameter offload to NVMe) a swap region
+    def read_shard(self, f: FlatParam) -> torch.Tensor:
+        """Flat ``f``'s current shard (its compute dtype; a copy when it lives on NVMe)."""
+        if self.param_swap is not None and f in self.param_swap:
+            return self.param_swap.read(f)
+        return f.shard
+
+    def write_shard(self, f: FlatParam, values: torch.Tensor, donate: bool = False) -> None:
+        """Set flat ``f``'s shard to ``values`` (cast to its dtype)."""
+        if self.param_swap is not None and f in self.param_swap:
+            self.param_swap.write(f, values, donate=donate)
+        else:
+            f.shard.copy_(values)
 
     def _build_pieces(self) -> List[Piece]:
         group_of = param_group_index(self.optimizer)
@@ -373,7 +419,7 @@ class ZeroEngine:
             piece.param.grad = None
         for f in self._trainable_flats:
             if not f.master_is_shard:
-                f.shard.copy_(f.master)
+                self.write_shard(f, f.master)
         self._gather_updated()
 
     # -- offload ---------------------------------------------------------------------------
@@ -443,7 +489,7 @@ class ZeroEngine:
         if not self._staged:
             return
         for i, w in sorted(self._staged.items()):
-            self._trainable_flats[i].shard.copy_(w)
+            self.write_shard(self._trainable_flats[i], w, donate=True)
         self._staged.clear()
         self._gather_updated()
 
@@ -498,6 +544,9 @@ class ZeroEngine:
                 if torch.is_tensor(v):
                     state_bytes += v.numel() * v.element_size()
         host = self.host.host_bytes() if self.host is not None else {}
+        if self.param_swap is not None:  # parameter shards live in their swap file between uses
+            host = {**host, "param_nvme_bytes": self.param_swap.nvme_bytes,
+                    "param_host_buffer_bytes": self.param_swap.host_bytes()}
         if "nvme_bytes" in host:  # states live in the swap files between steps
             state_bytes = host["nvme_bytes"] - master_bytes
         return {
@@ -524,7 +573,7 @@ class ZeroEngine:
         """Collective: the whole padded buffer of flat ``f`` in fp32 on every rank, from the fp32
         masters where ``f`` is trained (wherever they are offloaded), else from the parameters."""
         with self.resident(f) if f.trainable else _nullcontext():
-            shard = (f.master if f.trainable else f.shard).to(f.device, torch.float32)
+            shard = (f.master if f.trainable else self.read_shard(f)).to(f.device, torch.float32)
             if f.shard_world == 1:
                 return shard
             full = torch.empty(f.padded_numel, dtype=torch.float32, device=f.device)
@@ -578,3 +627,5 @@ class ZeroEngine:
         if self.host is not None:
             self.flush_pending_update()
             self.host.close()
+        if self.param_swap is not None:
+            self.param_swap.close()

@@ -7,7 +7,8 @@ Note:
       reductions over a shard need no masking.
     * Every parameter's ``.data`` is a view into ``full``; gathering writes straight into
       ``full`` and no per-parameter copy ever happens.
-    * With ``sharded=True`` (stage 3), ``shard`` is the only persistent storage; ``full`` keeps
+    * With ``sharded=True`` (stage 3), ``shard`` is the only persistent storage (or, with
+      parameter offload to NVMe, ``shard`` is None and a swap file holds it); ``full`` keeps
       its shape but its storage is resized to zero bytes while the unit is not gathered, so
       tensors that autograd saved stay valid objects and see the data again after the next
       gather. With ``sharded=False``, ``full`` is always allocated and ``shard`` is a view of it.
@@ -149,6 +150,16 @@ class FlatParam:
         if self.master is not None and self.master.device == shard.device and self.master.dtype == shard.dtype:
             self.master = shard  # fp32 with both offloaded to the CPU: one copy, not two
             self.master_is_shard = True
+        self.free_full()
+
+    def drop_shard(self) -> None:
+        """Forget ``shard`` and free ``full`` (parameter offload to NVMe: the shard's only copy is
+        then in a swap file, see :mod:`hf_zero.offload.param_swap`; ``shard`` is None)."""
+        assert self.sharded and self.state is FlatState.GATHERED
+        if self.master is not None and self.master_is_shard:  # the master stays: its own copy
+            self.master = self.master.clone()
+            self.master_is_shard = False
+        self.shard = None
         self.free_full()
 
     def free_full(self) -> None:

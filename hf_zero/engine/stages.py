@@ -19,6 +19,11 @@ Note:
       the first gradient that reaches the unit's output (prefetching the next unit in backward
       order) and releases it when backward moves past it. The root unit (embeddings, final norm,
       head) is gathered for the whole forward and again for the whole backward.
+    * Parameter offload to NVMe (``shard_source``): a gather takes each flat's shard from the
+      source (``acquire``) and hands it back once the gather is waited for (``release``); the
+      shards of the next ``read_ahead`` units in the current order are read in the background
+      (``prefetch``) when a unit is gathered, and at the end of forward for backward's first
+      units.
     * Activation checkpointing: a forward that runs inside backward (recomputation) gathers its
       unit but never releases it; backward releases it like any other.
     * All collectives go through :class:`~hf_zero.engine.collectives.Collectives`.
@@ -64,6 +69,7 @@ class Unit:
         self.trainable: List[FlatParam] = [f for f in self.flats if f.trainable]
         self.handles: List[Handle] = []
         self.in_flight: List[torch.Tensor] = []  # inputs of gathers not yet waited for
+        self.sourced: List[tuple] = []  # (flat, copy event) whose host shard the gather holds
         # gradients
         self.grad_full: Dict[int, Optional[torch.Tensor]] = {}  # flat index -> full-size grad buffer
         self.grad_shard: Dict[int, Optional[torch.Tensor]] = {}  # flat index -> shard accumulator
@@ -90,6 +96,8 @@ class StageRuntime:
         accum_dtype: Optional[torch.dtype],
         predivide: float,
         prefetch: bool = True,
+        shard_source=None,
+        read_ahead: int = 0,
     ):
         self.units = list(units)
         self.comm = comm
@@ -98,6 +106,10 @@ class StageRuntime:
         self.accum_dtype = accum_dtype
         self.predivide = predivide
         self.prefetch_enabled = prefetch and stage == 3
+        # Stage 3 with parameter offload to NVMe: shards come from here (acquire / release /
+        # prefetch, see hf_zero.offload.param_swap), read ``read_ahead`` units ahead of use.
+        self.shard_source = shard_source
+        self.read_ahead = read_ahead
         self.root = next(u for u in self.units if u.is_root)
         self._slot: Dict[int, tuple] = {}
         for u in self.units:
@@ -165,8 +177,15 @@ class StageRuntime:
             return
         for f in unit.flats:
             f.alloc_full()
+            host = f.shard if self.shard_source is None else self.shard_source.acquire(f)
             # an offloaded shard comes up to the device first; the copy lives until the wait
-            shard = f.shard if f.shard.device == f.full.device else f.shard.to(f.full.device, non_blocking=True)
+            shard = host if host.device == f.full.device else host.to(f.full.device, non_blocking=True)
+            if self.shard_source is not None:
+                event = None
+                if shard is not host and shard.is_cuda:
+                    event = torch.cuda.Event()
+                    event.record()
+                unit.sourced.append((f, event))
             with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(f.full):
                 unit.handles.append(self.comm.all_gather(f.full, shard, async_op=async_op))
             unit.in_flight.append(shard)
@@ -179,8 +198,22 @@ class StageRuntime:
             h.wait()
         unit.handles.clear()
         unit.in_flight.clear()
+        for f, event in unit.sourced:
+            self.shard_source.release(f, event)
+        unit.sourced.clear()
         for f in unit.flats:
             f.state = FlatState.GATHERED
+
+    def _read_ahead_from(self, order: List[Unit], unit: Unit) -> None:
+        """Start reading the shards of the ``read_ahead`` units after ``unit`` in ``order`` (all
+        of the first ones when ``unit`` is the root, which runs before them)."""
+        if self.shard_source is None or not self.read_ahead:
+            return
+        start = 0
+        if not unit.is_root:
+            start = next((i + 1 for i, u in enumerate(order) if u is unit), len(order))
+        upcoming = [u for u in order[start : start + self.read_ahead] if u.state is FlatState.SHARDED]
+        self.shard_source.prefetch([f for u in upcoming for f in u.flats])
 
     def release(self, unit: Unit) -> None:
         if self.stage != 3 or unit.state is FlatState.SHARDED:
@@ -205,6 +238,7 @@ class StageRuntime:
             else:
                 self.forward_order.append(unit)
             self.gather(unit)
+            self._read_ahead_from(self.last_forward_order, unit)
             if self.prefetch_enabled and not unit.is_root:
                 nxt = self._next_in(self.last_forward_order, unit)
                 if nxt is not None:
@@ -224,6 +258,8 @@ class StageRuntime:
                 for u in self.units:  # prefetched but not run this time
                     if u is not self.root:
                         self.release(u)
+                if torch.is_grad_enabled():  # backward starts with the last units of this forward
+                    self._read_ahead_from(self.forward_order[::-1], unit)
             hooked = torch.is_grad_enabled() and self._register_output_hooks(unit, output)
             if hooked or not (unit.is_root and torch.is_grad_enabled()):
                 self.release(unit)
@@ -278,6 +314,7 @@ class StageRuntime:
         pos = self._position(unit)
         self.flush(pos, release=True)
         self.gather(unit)
+        self._read_ahead_from(self.backward_order[:-1], unit)
         if self.prefetch_enabled and pos + 1 < len(self.backward_order) - 1:
             self.gather(self.backward_order[pos + 1], async_op=True)
 

@@ -82,6 +82,7 @@ class HostStep:
             self.buffer_count = max(2, buffer_count)
             for i, f in enumerate(self.flats):  # initial masters go to disk; RAM is released
                 self.store.write_from("master", f.master, self.offsets[i])
+                f.master_is_shard = False  # a shard that aliased it (fp32) is now a separate copy
                 for k in self.kinds[1:]:
                     self.store.write_from(k, torch.zeros(f.shard_numel), self.offsets[i])
                 self._detach(i)
