@@ -521,6 +521,7 @@ class ZeroEngine:
         self._eager_submitted.clear()
         self.global_steps += 1
         self._last_comm = self.comm.take_totals()
+        self.runtime.read_ahead_for_forward()  # parameter offload to NVMe: the next forward's first shards
 
     # ------------------------------------------------------------------------------ reports
     def get_global_grad_norm(self) -> Optional[float]:

@@ -204,6 +204,14 @@ class StageRuntime:
         for f in unit.flats:
             f.state = FlatState.GATHERED
 
+    def read_ahead_for_forward(self) -> None:
+        """After an optimizer step: start reading the root's and the first units' shards for
+        the next forward (assumed to run in this step's order)."""
+        if self.shard_source is None or not self.read_ahead:
+            return
+        order = self.forward_order or self.last_forward_order
+        self.shard_source.prefetch(list(self.root.flats) + [f for u in order[: self.read_ahead] for f in u.flats])
+
     def _read_ahead_from(self, order: List[Unit], unit: Unit) -> None:
         """Start reading the shards of the ``read_ahead`` units after ``unit`` in ``order`` (all
         of the first ones when ``unit`` is the root, which runs before them)."""

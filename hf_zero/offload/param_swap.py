@@ -10,8 +10,10 @@ Note:
     * Read-ahead (:meth:`prefetch`) holds at most ``buffer_count`` units' worth of shard bytes
       (the largest unit's, times ``buffer_count``); a read the gather needs now (:meth:`acquire`)
       is never refused, so a prefetch that was skipped costs time, never a deadlock.
-    * Order: a read of a flat waits for that flat's pending write, and a write drops any held
-      copy of the flat, so a gather never sees weights older than the last :meth:`write`.
+    * Order: a read of a flat whose write is still in flight copies the written values (no
+      disk read, no wait); otherwise it waits for that flat's pending write and reads the file.
+      A write drops any held copy of the flat. So a gather never sees weights older than the
+      last :meth:`write`.
     * With CUDA, host buffers are pinned and a released buffer carries the event of the copy
       that read it; the buffer is reused only after that event completed.
     * All methods are called from the thread that runs forward/backward and the optimizer
@@ -21,6 +23,7 @@ Note:
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -74,10 +77,21 @@ class ParamSwap:
         self._flats: List[object] = []
         self._held: Dict[int, _Held] = {}
         self._writes: Dict[int, Future] = {}
+        # values of writes still in flight, as 4-byte words: a read meanwhile copies them instead
+        # of waiting for the disk (each entry goes when its write lands; own lock, never held
+        # while waiting, since the I/O threads take it)
+        self._in_flight_values: Dict[int, torch.Tensor] = {}
+        self._values_lock = threading.Lock()
         self._free: Dict[int, List[tuple]] = {}   # words -> [(buffer, cuda event or None)]
         self._lock = threading.RLock()
-        self.reads = 0                             # regions read (all reasons)
+        # counters (never reset here; benchmarks take differences)
+        self.reads = 0                             # regions read (from disk or a write in flight)
+        self.acquires = 0
         self.prefetch_hits = 0                     # acquires whose read was already issued
+        self.bytes_read = 0                        # from disk
+        self.bytes_written = 0
+        self.wait_seconds = 0.0                    # time acquire() blocked on reads
+        self.reads_from_pending_writes = 0         # reads served from a write still in flight
 
     # ---------------------------------------------------------------------------- set-up
     def adopt(self, flat) -> None:
@@ -115,6 +129,16 @@ class ParamSwap:
         return sum(h.words * ELEM for h in self._held.values())
 
     def _issue_read(self, i: int) -> _Held:
+        with self._values_lock:
+            values = self._in_flight_values.get(i)
+        if values is not None:            # written moments ago: the bytes are still in RAM
+            buf = self._take_buffer(self.words[i])
+            buf.copy_(values)
+            held = _Held(buf, None, self.words[i])
+            self._held[i] = held
+            self.reads += 1
+            self.reads_from_pending_writes += 1
+            return held
         pending = self._writes.pop(i, None)
         if pending is not None:
             pending.result()
@@ -122,6 +146,7 @@ class ParamSwap:
         held = _Held(buf, self.store.read(KIND, buf, self.offsets[i]), self.words[i])
         self._held[i] = held
         self.reads += 1
+        self.bytes_read += self.words[i] * ELEM
         return held
 
     # ---------------------------------------------------------------------------- use
@@ -141,13 +166,16 @@ class ParamSwap:
         prefetched. Valid until :meth:`release`."""
         with self._lock:
             i = self._i(flat)
+            self.acquires += 1
             held = self._held.get(i)
             if held is None:
                 held = self._issue_read(i)
             else:
                 self.prefetch_hits += 1
             if held.read is not None:
+                t0 = time.perf_counter()
                 held.read.result()
+                self.wait_seconds += time.perf_counter() - t0
                 held.read = None
             return held.buffer.view(flat.dtype)[: flat.shard_numel]
 
@@ -194,7 +222,16 @@ class ParamSwap:
             words = words.clone().view(torch.float32)
         future = self.store.write(KIND, words, self.offsets[i])
         self._writes[i] = future
+        self.bytes_written += self.words[i] * ELEM
+        with self._values_lock:
+            self._in_flight_values[i] = words
+        future.add_done_callback(lambda _f, i=i, w=words: self._landed(i, w))
         return future
+
+    def _landed(self, i: int, words: torch.Tensor) -> None:
+        with self._values_lock:
+            if self._in_flight_values.get(i) is words:
+                del self._in_flight_values[i]
 
     def flush(self) -> None:
         """Wait for every pending write."""
