@@ -124,7 +124,9 @@ def accelerate_reference(case: dict, world: int, n_samples: int = 24):
 def _zero_accelerator(case):
     import hf_zero
 
-    return hf_zero.ZeroAccelerator(zero_plugin=hf_zero.ZeroPlugin(zero_cfg(case["stage"])), cpu=True,
+    cfg = zero_cfg(case["stage"])
+    cfg["zero_optimization"].update(case.get("zero_extra", {}))
+    return hf_zero.ZeroAccelerator(zero_plugin=hf_zero.ZeroPlugin(cfg), cpu=True,
                                    gradient_accumulation_steps=case["accum"])
 
 

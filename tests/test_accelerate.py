@@ -30,13 +30,21 @@ CASES = [
     dict(name="s3", stage=3, micro=2, accum=2),
     dict(name="s2_lora", stage=2, micro=2, accum=2, lora=True),
     dict(name="s3_lora", stage=3, micro=2, accum=2, lora=True),
+    # the frozen base and the adapters' shards in NVMe swap files, the optimizer in CPU RAM
+    dict(name="s3_lora_nvme", stage=3, micro=2, accum=2, lora=True, offload_param="nvme"),
 ]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("accelerate")
-    return out, launch(2, "integration_scenarios:accelerate_cases", {"cases": CASES}, out, timeout=400)
+    nvme = tmp_path_factory.mktemp("accelerate_nvme")
+    cases = [dict(c, zero_extra={"offload_optimizer": {"device": "cpu"},
+                                 "offload_param": {"device": "nvme", "nvme_path": str(nvme)}})
+             if c.get("offload_param") else c for c in CASES]
+    results = launch(2, "integration_scenarios:accelerate_cases", {"cases": cases}, out, timeout=400)
+    assert list(nvme.iterdir()) == []  # free_memory() removed the swap files
+    return out, results
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["name"])
