@@ -4,11 +4,15 @@
     model-shaped set (a 134M-parameter Llama by default) vs torch's ``AdamW(fused=True)`` on ONE
     flat tensor of the same size, with the same thread count, rounds interleaved.
 (b) Swap I/O: ``NvmeSwapStore`` write and read of ~1 GiB vs ``dd`` with ``oflag=direct`` /
-    ``iflag=direct`` on the same directory, same request size, in the same run.
+    ``iflag=direct`` on the same directory (reads: the same file), same ``bs`` as ``block_size``,
+    in the same run: rounds in which every contestant runs once, the order rotated each round;
+    the headline is the median over rounds of the paired (store, dd) ratio. ``--compare-with
+    REV`` adds the store as committed at a git revision to the same rounds (before/after).
 
 Prints a table and writes JSON (with the machine description) to runs/bench_offload.json.
 
     .venv/bin/python scripts/bench_offload.py [--path runs/nvme_bench] [--gib 1] [--threads N]
+    .venv/bin/python scripts/bench_offload.py --skip-optim --compare-with HEAD --out runs/bench_offload_io.json
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -127,80 +133,168 @@ def run_dd(args: list) -> float:
     return float(m.group(1))
 
 
-def bench_io(path: str, gib: float, block: int, io_threads: int, reps: int) -> dict:
+def reference_store(rev: str):
+    """``NvmeSwapStore`` as committed at git revision ``rev`` (for a before/after in one run)."""
+    src = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:hf_zero/offload/nvme.py"],
+                         capture_output=True, text=True, check=True).stdout
+    name = "_bench_nvme_" + re.sub(r"\W", "_", rev)
+    mod = types.ModuleType(name)
+    sys.modules[name] = mod                 # dataclasses look the module up by name
+    exec(compile(src, f"{rev}:hf_zero/offload/nvme.py", "exec"), mod.__dict__)
+    return mod.NvmeSwapStore
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _rounds(contestants: dict, reps: int) -> dict:
+    """Time each contestant once per round, ``reps`` rounds, the order rotated every round (so
+    each goes first equally often: this shared disk has bursts that favour whoever goes first)."""
+    names = list(contestants)
+    times = {k: [] for k in names}
+    for r in range(reps):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            times[name].append(contestants[name]())
+    return times
+
+
+def _summary(times: list, gb: float) -> dict:
+    return {"median_gb_s": gb / statistics.median(times), "best_gb_s": gb / min(times), "s": times}
+
+
+def _paired(num: list, den: list) -> float:
+    """Median over rounds of num[i] / den[i]: with times, the speed of den relative to num."""
+    return statistics.median(n / d for n, d in zip(num, den))
+
+
+def bench_io(path: str, gib: float, block: int, io_threads: int, reps: int, ref_rev: Optional[str],
+             dd_big_block: int) -> dict:
     numel = int(gib * 2**30) // 4
     nbytes = numel * 4
     count = nbytes // block
-    res = {"bytes": nbytes, "block_size": block, "io_threads": io_threads, "reps": reps}
+    res = {"bytes": nbytes, "block_size": block, "io_threads": io_threads, "reps": reps, "reference_rev": ref_rev}
     data = aligned_empty(numel)
     data.normal_()
     back = aligned_empty(numel)
-    store = NvmeSwapStore(path, 0, {"bench": numel}, block_size=block, threads=io_threads)
+    back.zero_()                                # touched once, so no read pays the page faults
+    stores = {"ours": NvmeSwapStore(path, 0, {"bench": numel}, block_size=block, threads=io_threads)}
+    if ref_rev:
+        stores["ref"] = reference_store(ref_rev)(path, 1, {"bench": numel}, block_size=block, threads=io_threads)
+    store = stores["ours"]
     res["mode"] = "O_DIRECT" if store.direct else "buffered"
     res["mode_reason"] = store.mode_reason
     dd_file = os.path.join(path, "dd_bench.bin")
+    gb = nbytes / 1e9
+
+    def writer(s):
+        def go():
+            t = _timed(lambda: s.write("bench", data).result())
+            if not s.direct:
+                t += _timed(s.flush)
+            return t
+        return go
+
+    def reader(s):
+        return lambda: _timed(lambda: s.read("bench", back).result())
+
     try:
         fd = os.open(dd_file, os.O_RDWR | os.O_CREAT, 0o600)   # preallocated too, as ours is
         os.posix_fallocate(fd, 0, nbytes)
         os.close(fd)
-        w, r, dw, dr, dz = [], [], [], [], []
-        for _ in range(reps):                   # interleave ours and dd, writes then reads
-            t0 = time.perf_counter()
-            store.write("bench", data).result()
-            if not store.direct:
-                store.flush()
-            w.append(time.perf_counter() - t0)
-            dw.append(run_dd(["if=/dev/zero", f"of={dd_file}", f"bs={block}", f"count={count}",
-                              "oflag=direct", "conv=notrunc"]))
+        contestants = {k: writer(s) for k, s in stores.items()}
+        contestants["dd"] = lambda: run_dd(["if=/dev/zero", f"of={dd_file}", f"bs={block}", f"count={count}",
+                                            "oflag=direct", "conv=notrunc"])
+        w = _rounds(contestants, reps)
         res["drop_caches"] = drop_caches()
-        for _ in range(reps):
-            back.zero_()
-            t0 = time.perf_counter()
-            store.read("bench", back).result()
-            r.append(time.perf_counter() - t0)
-            # dd reads OUR file: the same random bytes. This disk reads back blocks written as
-            # zeros ~1.3x faster than random data, so dd's own zero file would flatter dd.
-            dr.append(run_dd([f"if={store.files['bench']}", "of=/dev/null", f"bs={block}", f"count={count}",
-                              "iflag=direct"]))
-            dz.append(run_dd([f"if={dd_file}", "of=/dev/null", f"bs={block}", f"count={count}", "iflag=direct"]))
+        # dd reads OUR file: the same random bytes. This disk reads back blocks written as zeros
+        # faster than random data, so dd's own zero file would flatter dd (measured separately).
+        # dd has one request of bs bytes in flight, into one small buffer that stays in cache;
+        # the store reads into a GiB tensor. dd at a big bs shows what bigger requests give dd.
+        f = store.files["bench"]
+        contestants = {k: reader(s) for k, s in stores.items()}
+        contestants.update({
+            "dd": lambda: run_dd([f"if={f}", "of=/dev/null", f"bs={block}", f"count={count}", "iflag=direct"]),
+            "dd_big_bs": lambda: run_dd([f"if={f}", "of=/dev/null", f"bs={dd_big_block}",
+                                         f"count={nbytes // dd_big_block}", "iflag=direct"]),
+            "dd_zero_file": lambda: run_dd([f"if={dd_file}", "of=/dev/null", f"bs={block}", f"count={count}",
+                                            "iflag=direct"]),
+        })
+        r = _rounds(contestants, reps)
         res["round_trip_equal"] = bool(torch.equal(back.view(torch.int32), data.view(torch.int32)))
         # The staged path: a tensor that is not 4 KiB-aligned is copied through aligned buffers.
         unaligned = torch.empty(numel + 1)[1:]
         unaligned.copy_(data)
-        t0 = time.perf_counter()
-        store.write("bench", unaligned).result()
-        sw = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        store.read("bench", unaligned).result()
-        sr = time.perf_counter() - t0
+        staged = {}
+        for k, s in stores.items():
+            staged[k] = {"write_gb_s": gb / _timed(lambda: s.write("bench", unaligned).result()),
+                         "read_gb_s": gb / _timed(lambda: s.read("bench", unaligned).result())}
         del unaligned
     finally:
-        store.close()
+        for s in stores.values():
+            s.close()
         if os.path.exists(dd_file):
             os.unlink(dd_file)
-    gb = nbytes / 1e9
+    res["write"] = {k: _summary(v, gb) for k, v in w.items()}
+    res["read"] = {k: _summary(v, gb) for k, v in r.items()}
+    res["dd_big_bs"] = dd_big_block
+    res["staged"] = staged
+    # The disk is shared and noisy: the headline ratio is the median over rounds of each
+    # back-to-back (store, dd) pair; ratios of the best reps are kept for comparison.
+    for op, t in (("write", w), ("read", r)):
+        for k in stores:
+            res[op][k]["paired_ratio_to_dd"] = _paired(t["dd"], t[k])
+            res[op][k]["best_ratio_to_dd"] = min(t["dd"]) / min(t[k])
+        if "ref" in stores:
+            res[op]["ours"]["paired_ratio_to_ref"] = _paired(t["ref"], t["ours"])
+    res["read"]["ours"]["paired_ratio_to_dd_big_bs"] = _paired(r["dd_big_bs"], r["ours"])
+    # Flat keys of earlier versions of this script (best of reps).
     res.update({
-        "write_s": w, "read_s": r, "dd_write_s": dw, "dd_read_s": dr, "dd_read_zero_file_s": dz,
-        "dd_read_zero_file_gb_s": gb / min(dz),
-        "write_gb_s": gb / min(w), "read_gb_s": gb / min(r),
-        "dd_write_gb_s": gb / min(dw), "dd_read_gb_s": gb / min(dr),
-        "staged_write_gb_s": gb / sw, "staged_read_gb_s": gb / sr,
+        "write_s": w["ours"], "read_s": r["ours"], "dd_write_s": w["dd"], "dd_read_s": r["dd"],
+        "dd_read_zero_file_s": r["dd_zero_file"], "dd_read_zero_file_gb_s": gb / min(r["dd_zero_file"]),
+        "write_gb_s": gb / min(w["ours"]), "read_gb_s": gb / min(r["ours"]),
+        "dd_write_gb_s": gb / min(w["dd"]), "dd_read_gb_s": gb / min(r["dd"]),
+        "staged_write_gb_s": staged["ours"]["write_gb_s"], "staged_read_gb_s": staged["ours"]["read_gb_s"],
+        "write_ratio": res["write"]["ours"]["best_ratio_to_dd"], "read_ratio": res["read"]["ours"]["best_ratio_to_dd"],
+        "paired_write_ratio_median": res["write"]["ours"]["paired_ratio_to_dd"],
+        "paired_read_ratio_median": res["read"]["ours"]["paired_ratio_to_dd"],
     })
-    res["write_ratio"] = res["write_gb_s"] / res["dd_write_gb_s"]
-    res["read_ratio"] = res["read_gb_s"] / res["dd_read_gb_s"]
-    # The disk is shared and noisy: also the median over reps of each (ours, dd) back-to-back pair.
-    res["paired_write_ratio_median"] = statistics.median(d / o for o, d in zip(w, dw))
-    res["paired_read_ratio_median"] = statistics.median(d / o for o, d in zip(r, dr))
     return res
+
+
+def print_io(io: dict) -> None:
+    print(f"swap I/O: {io['mode']}, {io['bytes'] / 2**30:.2f} GiB per transfer, block_size "
+          f"{io['block_size'] >> 10} KiB, {io['io_threads']} threads, {io['reps']} rounds "
+          f"(order rotated); dd bs={io['block_size'] >> 10} KiB on the same file")
+    print(f"  {'':<34} {'median GB/s':>11} {'best GB/s':>10} {'paired ratio to dd':>19} {'best/best':>10}")
+    labels = {"ours": "store (this tree)", "ref": f"store at {io['reference_rev']}", "dd": "dd",
+              "dd_big_bs": f"dd bs={io['dd_big_bs'] >> 20} MiB", "dd_zero_file": "dd, its own zero-filled file"}
+    for op in ("write", "read"):
+        for k, v in io[op].items():
+            ratio = f"{v['paired_ratio_to_dd']:>19.2f} {v['best_ratio_to_dd']:>10.2f}" if "paired_ratio_to_dd" in v else ""
+            print(f"  {op + ': ' + labels[k]:<34} {v['median_gb_s']:>11.2f} {v['best_gb_s']:>10.2f} {ratio}")
+    if "paired_ratio_to_ref" in io["read"]["ours"]:
+        print(f"  this tree vs {io['reference_rev']} (median of paired ratios): write "
+              f"{io['write']['ours']['paired_ratio_to_ref']:.2f}, read {io['read']['ours']['paired_ratio_to_ref']:.2f}")
+    print(f"  read vs dd bs={io['dd_big_bs'] >> 20} MiB (paired): {io['read']['ours']['paired_ratio_to_dd_big_bs']:.2f}")
+    st = " | ".join(f"{labels[k]} {v['write_gb_s']:.2f} / {v['read_gb_s']:.2f}" for k, v in io["staged"].items())
+    print(f"  staged (tensor not 4 KiB-aligned) write / read GB/s: {st}")
+    print(f"  drop_caches: {io['drop_caches']}; round trip equal: {io['round_trip_equal']}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--path", default="runs/nvme_bench", help="swap directory (on the disk to measure)")
     ap.add_argument("--gib", type=float, default=1.0, help="GiB moved per transfer")
-    ap.add_argument("--block-size", type=int, default=1 << 20, help="bytes per I/O request (ours and dd's bs)")
+    ap.add_argument("--block-size", type=int, default=1 << 20, help="the store's block_size and dd's bs (bytes)")
     ap.add_argument("--io-threads", type=int, default=4)
-    ap.add_argument("--io-reps", type=int, default=5)
+    ap.add_argument("--io-reps", type=int, default=7, help="rounds; each times every contestant once")
+    ap.add_argument("--compare-with", default=None, metavar="REV",
+                    help="also time NvmeSwapStore as committed at this git revision, in the same rounds")
+    ap.add_argument("--dd-big-block", type=int, default=64 << 20, help="bs of the extra dd read")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for the optimizer step "
                     "(default: cpu_threads_per_rank(local ranks))")
     ap.add_argument("--local-ranks", type=int, default=1)
@@ -221,7 +315,8 @@ def main() -> None:
             hidden, layers, inter, vocab = (int(x) for x in args.model.split(","))
             result["optimizer"] = bench_optimizer(llama_units(hidden, layers, inter, vocab), threads, args.rounds)
         if not args.skip_io:
-            result["io"] = bench_io(args.path, args.gib, args.block_size, args.io_threads, args.io_reps)
+            result["io"] = bench_io(args.path, args.gib, args.block_size, args.io_threads, args.io_reps,
+                                    args.compare_with, args.dd_big_block)
     finally:
         if created:
             shutil.rmtree(args.path, ignore_errors=True)
@@ -229,23 +324,13 @@ def main() -> None:
     m = result["machine"]
     print(f"machine: {m.get('model_name')} | {m['usable_cores']} usable cores | {m.get('mem_total_gib')} GiB | "
           f"torch {m['torch']} | disk {m.get('disk')}")
-    print(f"{'measure':<44} {'ours':>10} {'reference':>10} {'ratio':>7}")
     if "optimizer" in result:
+        print(f"{'measure':<44} {'ours':>10} {'reference':>10} {'ratio':>7}")
         o = result["optimizer"]
         label = "AdamW step Gparam/s (%dM params, %d thr)" % (o["params"] / 1e6, o["threads"])
         print(f"{label:<44} {o['ours_gparam_s']:>10.3f} {o['torch_gparam_s']:>10.3f} {o['ratio']:>7.2f}")
     if "io" in result:
-        io = result["io"]
-        tag = f"{io['mode']}, {io['bytes'] / 2**30:.1f} GiB, {io['block_size'] >> 10} KiB x {io['io_threads']}"
-        print(f"{'swap write GB/s (' + tag + ')':<44} {io['write_gb_s']:>10.2f} {io['dd_write_gb_s']:>10.2f} "
-              f"{io['write_ratio']:>7.2f}")
-        print(f"{'swap read GB/s':<44} {io['read_gb_s']:>10.2f} {io['dd_read_gb_s']:>10.2f} {io['read_ratio']:>7.2f}")
-        print(f"{'staged (unaligned tensor) write / read GB/s':<44} {io['staged_write_gb_s']:>10.2f} "
-              f"{io['staged_read_gb_s']:>10.2f}")
-        print(f"(dd reading the zero-filled file it wrote: {io['dd_read_zero_file_gb_s']:.2f} GB/s)")
-        print(f"median of paired ratios: write {io['paired_write_ratio_median']:.2f}, "
-              f"read {io['paired_read_ratio_median']:.2f} (best-of-{io['reps']} above)")
-        print(f"drop_caches: {io['drop_caches']}; round trip equal: {io['round_trip_equal']}")
+        print_io(result["io"])
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

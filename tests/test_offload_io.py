@@ -22,6 +22,8 @@ from hf_zero.offload import (ALIGN, NvmeSwapStore, OffloadError, Region, SwapPip
                              region_layout)
 
 REPO = Path(__file__).resolve().parents[1]
+ALIGN_ELEMS = nvme.ALIGN_ELEMS
+round_up = nvme.round_up
 ODD = [1, 777, 1023, 1025, 4099, 70001]      # elements; none a multiple of 4 KiB in bytes
 
 
@@ -160,6 +162,104 @@ def test_transfers_are_checked(tmp_path):
         with pytest.raises(KeyError, match="unknown"):
             s.read("b", torch.zeros(10))
 
+
+
+@pytest.mark.parametrize("nbytes,block,threads", [
+    (0, ALIGN, 4), (1, ALIGN, 4), (ALIGN, ALIGN, 4), (5 * ALIGN + 7, ALIGN, 2), (5 * ALIGN + 7, 8 * ALIGN, 4),
+    (64 * ALIGN, 4 * ALIGN, 4), (64 * ALIGN + 4, 4 * ALIGN, 3), (8 * ALIGN + 1, 8 * ALIGN, 4),
+    (15 * ALIGN, 8 * ALIGN, 4), (1 << 30, 1 << 20, 4), (1 << 30, 1 << 20, 1),
+])
+def test_a_transfer_is_cut_into_one_contiguous_aligned_span_per_thread(tmp_path, nbytes, block, threads):
+    with NvmeSwapStore(str(tmp_path), 0, {"a": 1}, block_size=block, threads=threads, use_direct=False) as s:
+        spans = s._spans(nbytes)
+    assert len(spans) <= threads
+    if nbytes == 0:
+        assert spans == []
+        return
+    assert spans[0][0] == 0 and spans[-1][1] == nbytes
+    for (a, b), (c, _) in zip(spans, spans[1:]):
+        assert b == c                                    # contiguous, no gap, no overlap
+    for i, (a, b) in enumerate(spans):
+        assert a % ALIGN == 0 and b > a
+        if i < len(spans) - 1:
+            assert b - a >= block and b % ALIGN == 0
+    sizes = [round_up(b - a, ALIGN) for a, b in spans]
+    assert max(sizes) - min(sizes) <= ALIGN              # shared out evenly, to the 4 KiB block
+    if nbytes >= threads * block:
+        assert len(spans) == threads                     # every thread gets a share
+
+
+def test_aligned_transfers_take_one_call_per_span_not_one_per_block(tmp_path, monkeypatch):
+    """The zero-copy path moves each thread's span in one pwrite/preadv (so O_DIRECT puts many
+    device requests in flight per call), not one call per ``block_size`` block."""
+    calls = {"pwrite": [], "preadv": []}
+    real_pwrite, real_preadv = os.pwrite, os.preadv
+
+    def pwrite(fd, buf, pos):
+        calls["pwrite"].append(len(memoryview(buf).cast("B")))
+        return real_pwrite(fd, buf, pos)
+
+    def preadv(fd, bufs, pos):
+        calls["preadv"].append(sum(len(memoryview(b).cast("B")) for b in bufs))
+        return real_preadv(fd, bufs, pos)
+
+    n = 64 * ALIGN_ELEMS + 5            # 64 whole 4 KiB blocks and 20 bytes
+    with NvmeSwapStore(str(tmp_path), 0, {"a": n}, block_size=ALIGN, threads=2, use_direct=False) as s:
+        monkeypatch.setattr(nvme.os, "pwrite", pwrite)
+        monkeypatch.setattr(nvme.os, "preadv", preadv)
+        src = aligned_empty(n)
+        src.copy_(_bits(n, seed=3))
+        s.write_from("a", src)
+        out = aligned_empty(n)
+        s.read_into("a", out)
+    assert _same_bits(out, src)
+    # Spans of 33 blocks and of 31 blocks + 20 bytes. A write takes the last block's padding from
+    # the storage's slack; a read stages the partial last block.
+    assert sorted(calls["pwrite"]) == [32 * ALIGN, 33 * ALIGN]
+    assert sorted(calls["preadv"]) == [ALIGN, 31 * ALIGN, 33 * ALIGN]
+
+
+def test_short_and_capped_calls_still_move_every_byte(tmp_path, monkeypatch):
+    """Calls capped at MAX_REQUEST, and calls the OS cuts short, continue where they stopped."""
+    monkeypatch.setattr(nvme, "MAX_REQUEST", 3 * ALIGN)
+    real_pwrite, real_preadv = os.pwrite, os.preadv
+    seen = []
+
+    def pwrite(fd, buf, pos):
+        m = memoryview(buf).cast("B")
+        seen.append(len(m))
+        return real_pwrite(fd, m[: max(1, len(m) // 2 - 3)], pos)
+
+    def preadv(fd, bufs, pos):
+        m = memoryview(bufs[0]).cast("B")
+        seen.append(len(m))
+        return real_preadv(fd, [m[: max(1, len(m) // 2 - 5)]], pos)
+
+    n = 20 * ALIGN_ELEMS + 333
+    with NvmeSwapStore(str(tmp_path), 0, {"a": n}, block_size=2 * ALIGN, threads=3, use_direct=False) as s:
+        monkeypatch.setattr(nvme.os, "pwrite", pwrite)
+        monkeypatch.setattr(nvme.os, "preadv", preadv)
+        data = _bits(n, seed=5)
+        for src in (aligned_empty(n), torch.empty(n + 1)[1:]):   # zero-copy and staged
+            src.copy_(data)
+            s.write_from("a", src)
+            for out in (aligned_empty(n), torch.full((n + 1,), 7.0)[1:]):
+                out.fill_(0.0)
+                assert _same_bits(s.read_into("a", out), data)
+    assert max(seen) <= 3 * ALIGN
+
+
+def test_multidimensional_and_empty_tensors(tmp_path):
+    offsets, total = region_layout([3 * 333, 0, 4096])
+    with NvmeSwapStore(str(tmp_path), 0, {"a": total}, block_size=ALIGN, threads=2, use_direct=False) as s:
+        m = torch.cat([torch.zeros(1), _bits(3 * 333, seed=8)])[1:].view(3, 333)   # misaligned, 2-D
+        assert m.data_ptr() % ALIGN and m.is_contiguous()
+        s.write_from("a", m, offsets[0])
+        out = torch.full((3 * 333 + 1,), 1.0)[1:].view(3, 333)
+        assert _same_bits(s.read_into("a", out, offsets[0]), m)
+        assert _same_bits(s.read_into("a", aligned_empty(3 * 333).view(333, 3), offsets[0]).view(3, 333), m)
+        assert s.write("a", torch.empty(0), offsets[1]).result(timeout=10) is None
+        assert s.read("a", torch.empty(0), offsets[1]).result(timeout=10) is None
 
 # -- the pipeline ---------------------------------------------------------------------------
 
@@ -328,10 +428,11 @@ if mode == "chained":
     signal.signal(signal.SIGTERM, lambda s, f: (print("previous handler ran", flush=True), sys.exit(3)))
 store = NvmeSwapStore(sys.argv[1], 5, {"exp_avg": 300000, "exp_avg_sq": 300000}, use_direct=False)
 store.write("exp_avg", torch.randn(300000)).result()
-print("READY", flush=True)
 if mode == "exception":
+    print("READY", flush=True)
     raise RuntimeError("the training loop crashed")
 try:
+    print("READY", flush=True)      # inside the try: the parent signals as soon as it reads this
     time.sleep(60)
 except KeyboardInterrupt:
     print("KeyboardInterrupt raised", flush=True)

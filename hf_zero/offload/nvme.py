@@ -10,10 +10,14 @@ Note:
     * I/O: files are opened with ``O_DIRECT`` when the file system accepts it (probed at open
       time with one aligned 4 KiB write and read); otherwise buffered, and ``flush()`` fsyncs.
       ``store.direct`` records the mode and ``store.mode_reason`` why.
-    * A transfer is cut into ``block_size`` blocks, each one ``os.pwrite``/``os.preadv`` call run
-      by a thread pool (the calls release the GIL, so ``threads`` requests are in flight at once).
-      Memory that is 4 KiB-aligned moves with no copy; anything else (a misaligned tensor, the
-      partial last block of a read) goes through a per-thread aligned staging buffer.
+    * A transfer is cut into at most ``threads`` contiguous spans (4 KiB-aligned, each at least
+      ``block_size`` bytes unless the transfer is smaller), one per pool thread. Memory that is
+      4 KiB-aligned moves with no copy, each span in as few ``os.pwrite``/``os.preadv`` calls as
+      possible (at most ``MAX_REQUEST`` bytes each; the calls release the GIL). With ``O_DIRECT``
+      the kernel splits one large call into device requests that are all in flight at once, so
+      even one thread keeps the disk busy, and Python runs once per span rather than once per
+      block. Anything else (a misaligned tensor, the partial last 4 KiB of a read) goes through a
+      per-thread aligned staging buffer, ``block_size`` bytes per call.
     * A tensor handed to ``write``/``read`` must not be touched until its future resolves.
     * Cleanup: ``close()`` removes the files; so do garbage collection of the store, interpreter
       exit (also after an uncaught exception) and SIGTERM / SIGINT, whose previous handlers are
@@ -42,6 +46,7 @@ ALIGN = 4096                    # bytes: buffer address, file offset and length 
 ELEM = 4                        # bytes per fp32 element
 ALIGN_ELEMS = ALIGN // ELEM     # region offsets are multiples of this many elements
 MIN_MARGIN = 64 << 20           # free space kept beyond the files: max(1 %, 64 MiB)
+MAX_REQUEST = 1 << 30           # bytes per zero-copy pwrite/preadv call (Linux caps one at 2 GiB - 4 KiB)
 
 
 class OffloadError(ValueError):
@@ -173,7 +178,7 @@ atexit.register(_remove_all_live)      # weakref.finalize also runs at exit; thi
 # -- the store --------------------------------------------------------------------------------------
 
 class _Gather:
-    """One Future that resolves when all of a transfer's block futures have."""
+    """One Future that resolves when all of a transfer's span futures have."""
 
     def __init__(self, parts: List[Future], keep: object):
         self.future: Future = Future()
@@ -207,8 +212,9 @@ class NvmeSwapStore:
         path: an existing, writable directory, ideally on a local NVMe disk.
         rank: the global rank (it names the files, so ranks can share a directory).
         tensors: kind name -> numel (fp32) of that kind's file.
-        block_size: bytes per I/O request (a multiple of 4 KiB).
-        threads: I/O threads (requests in flight).
+        block_size: bytes (a multiple of 4 KiB): the smallest span a transfer is cut into per
+            thread, and the size of each staged request (misaligned memory, the partial tail).
+        threads: I/O threads: a transfer is cut into at most this many spans moved at once.
         use_direct: try ``O_DIRECT`` (False forces buffered I/O).
     """
 
@@ -371,44 +377,62 @@ class NvmeSwapStore:
                                f"({self.numels[name]} elements)")
         return offset * ELEM
 
-    def _blocks(self, nbytes: int):
-        for a in range(0, nbytes, self.block_size):
-            yield a, min(nbytes, a + self.block_size)
+    def _spans(self, nbytes: int) -> List[Tuple[int, int]]:
+        """Byte ranges ``[a, b)`` of a transfer, one per thread: contiguous, starting on 4 KiB
+        boundaries, each at least ``block_size`` long (the last may be shorter)."""
+        if nbytes <= 0:
+            return []
+        parts = max(1, min(self.threads, nbytes // self.block_size))
+        q, r = divmod(-(-nbytes // ALIGN), parts)   # whole 4 KiB blocks, shared out evenly
+        edges = [(i * q + min(i, r)) * ALIGN for i in range(parts)] + [nbytes]
+        return list(zip(edges[:-1], edges[1:]))
 
-    def _write_block(self, fd: int, t: torch.Tensor, ptr: int, a: int, b: int, pos: int, zero_copy: bool) -> None:
-        n = b - a
-        span = round_up(n, ALIGN)
-        if zero_copy:
-            mem = _mem(ptr + a, span)
-        else:
-            stage = self._staging()
-            stage[:n].copy_(t.view(torch.uint8)[a:b])
-            if span > n:
-                stage[n:span].zero_()
-            mem = _mem(stage.data_ptr(), span)
+    @staticmethod
+    def _pwrite_all(fd: int, ptr: int, n: int, pos: int) -> None:
         done = 0
-        while done < span:              # pwrite may be short; continue where it stopped
-            k = os.pwrite(fd, memoryview(mem)[done:], pos + done)
+        while done < n:                 # pwrite may be short; continue where it stopped
+            k = os.pwrite(fd, _mem(ptr + done, min(n - done, MAX_REQUEST)), pos + done)
             if k <= 0:
-                raise OSError(errno.EIO, f"pwrite wrote {k} bytes")
+                raise OSError(errno.EIO, f"pwrite wrote {k} bytes at {pos + done}")
             done += k
 
-    def _read_block(self, fd: int, t: torch.Tensor, ptr: int, a: int, b: int, pos: int, zero_copy: bool) -> None:
-        n = b - a
-        span = round_up(n, ALIGN)
-        if zero_copy and span == n:
-            mem, stage = _mem(ptr + a, span), None
-        else:
-            stage = self._staging()
-            mem = _mem(stage.data_ptr(), span)
+    @staticmethod
+    def _pread_all(fd: int, ptr: int, n: int, pos: int) -> None:
         done = 0
-        while done < span:
-            k = os.preadv(fd, [memoryview(mem)[done:]], pos + done)
+        while done < n:
+            k = os.preadv(fd, [_mem(ptr + done, min(n - done, MAX_REQUEST))], pos + done)
             if k <= 0:
                 raise OSError(errno.EIO, f"preadv read {k} bytes at {pos + done} (file too short?)")
             done += k
-        if stage is not None:
-            t.view(torch.uint8)[a:b].copy_(stage[:n])
+
+    def _write_span(self, fd: int, t: torch.Tensor, ptr: int, a: int, b: int, base: int, zero_copy: bool) -> None:
+        if zero_copy:                   # the last span's padding comes from the storage's slack
+            self._pwrite_all(fd, ptr + a, round_up(b - a, ALIGN), base + a)
+            return
+        src = t.reshape(-1).view(torch.uint8)
+        stage = self._staging()
+        for x in range(a, b, self.block_size):
+            y = min(b, x + self.block_size)
+            n, span = y - x, round_up(y - x, ALIGN)
+            stage[:n].copy_(src[x:y])
+            if span > n:
+                stage[n:span].zero_()
+            self._pwrite_all(fd, stage.data_ptr(), span, base + x)
+
+    def _read_span(self, fd: int, t: torch.Tensor, ptr: int, a: int, b: int, base: int, zero_copy: bool) -> None:
+        if zero_copy:                   # whole 4 KiB blocks straight into the tensor
+            whole = (b - a) // ALIGN * ALIGN
+            if whole:
+                self._pread_all(fd, ptr + a, whole, base + a)
+            a += whole
+        if a == b:
+            return
+        dst = t.reshape(-1).view(torch.uint8)   # staged: a misaligned tensor, or the partial last block
+        stage = self._staging()
+        for x in range(a, b, self.block_size):
+            y = min(b, x + self.block_size)
+            self._pread_all(fd, stage.data_ptr(), round_up(y - x, ALIGN), base + x)
+            dst[x:y].copy_(stage[: y - x])
 
     def write(self, name: str, tensor: torch.Tensor, offset: int = 0) -> Future:
         """Write ``tensor`` to kind ``name`` at element ``offset``; returns a Future."""
@@ -418,8 +442,8 @@ class NvmeSwapStore:
         # No copy if aligned; a partial last block may then be written from the storage's slack.
         zero_copy = ptr % ALIGN == 0 and _slack_bytes(tensor) >= round_up(nbytes, ALIGN)
         fd = self.fds[name]
-        parts = [self._pool.submit(self._write_block, fd, tensor, ptr, a, b, pos + a, zero_copy)
-                 for a, b in self._blocks(nbytes)]
+        parts = [self._pool.submit(self._write_span, fd, tensor, ptr, a, b, pos, zero_copy)
+                 for a, b in self._spans(nbytes)]
         return _Gather(parts, tensor).future
 
     def read(self, name: str, out: torch.Tensor, offset: int = 0) -> Future:
@@ -427,10 +451,10 @@ class NvmeSwapStore:
         pos = self._check(name, out, offset)
         nbytes = out.numel() * ELEM
         ptr = out.data_ptr()
-        zero_copy = ptr % ALIGN == 0   # the partial last block (if any) goes through staging
+        zero_copy = ptr % ALIGN == 0   # the partial last 4 KiB (if any) goes through staging
         fd = self.fds[name]
-        parts = [self._pool.submit(self._read_block, fd, out, ptr, a, b, pos + a, zero_copy)
-                 for a, b in self._blocks(nbytes)]
+        parts = [self._pool.submit(self._read_span, fd, out, ptr, a, b, pos, zero_copy)
+                 for a, b in self._spans(nbytes)]
         return _Gather(parts, out).future
 
     def write_from(self, name: str, tensor: torch.Tensor, offset: int = 0) -> None:
