@@ -310,6 +310,33 @@ def test_pipeline_visits_each_region_once_in_order_with_bounded_buffers(tmp_path
         store.close()
 
 
+def test_pipeline_runs_other_regions_in_the_same_buffers(tmp_path):
+    """``run(step, regions)``: a subset (the engine's per-unit steps) reuses the buffers; a region
+    bigger than them is refused before any transfer."""
+    sizes = [3000, 5000, 1024]
+    offsets, total = region_layout(sizes)
+    regions = [Region(o, n) for o, n in zip(offsets, sizes)]
+    with NvmeSwapStore(str(tmp_path), 0, {"p": total}, use_direct=False) as store:
+        for o, n in zip(offsets, sizes):
+            store.write_from("p", torch.zeros(n), o)
+        pipe = SwapPipeline(store, regions[:2], buffer_count=2)
+        ptrs = {b["p"].data_ptr() for b in pipe.buffers}
+        seen = []
+
+        def step(i, region, tensors):
+            assert tensors["p"].data_ptr() in ptrs and tensors["p"].numel() == region.numel
+            seen.append(region)
+            tensors["p"].add_(1.0)
+
+        pipe.run(step, [regions[2], regions[0]])
+        pipe.run(step, [regions[2]])
+        assert seen == [regions[2], regions[0], regions[2]]
+        assert torch.equal(store.read_into("p", torch.empty(1024), offsets[2]), torch.full((1024,), 2.0))
+        assert torch.equal(store.read_into("p", torch.empty(3000), offsets[0]), torch.ones(3000))
+        with pytest.raises(ValueError, match="does not fit"):
+            pipe.run(step, [Region(offsets[0], 6000)])
+
+
 def test_pipeline_error_in_step_waits_for_io_and_propagates(tmp_path):
     offsets, total = region_layout([5000] * 5)
     with NvmeSwapStore(str(tmp_path), 0, {"p": total}, use_direct=False) as store:

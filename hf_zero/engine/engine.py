@@ -376,6 +376,7 @@ class ZeroEngine:
     def _optimizer_step(self) -> None:
         if self.stage <= 1:
             self.runtime.reduce_boundary()
+        self.runtime.release_all()  # stage 3: no unit may stay gathered across new weights
         grads = self._grad_shards()
         inv_scale = 1.0 / self.loss_scaler.scale
         if self.config.fp16.enabled:

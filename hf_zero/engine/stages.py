@@ -23,7 +23,7 @@ Note:
       source (``acquire``) and hands it back once the gather is waited for (``release``); the
       shards of the next ``read_ahead`` units in the current order are read in the background
       (``prefetch``) when a unit is gathered, and at the end of forward for backward's first
-      units.
+      units; the root is not released between a training forward and its backward.
     * Activation checkpointing: a forward that runs inside backward (recomputation) gathers its
       unit but never releases it; backward releases it like any other.
     * All collectives go through :class:`~hf_zero.engine.collectives.Collectives`.
@@ -269,9 +269,13 @@ class StageRuntime:
                 if torch.is_grad_enabled():  # backward starts with the last units of this forward
                     self._read_ahead_from(self.forward_order[::-1], unit)
             hooked = torch.is_grad_enabled() and self._register_output_hooks(unit, output)
-            if hooked or not (unit.is_root and torch.is_grad_enabled()):
+            # With shards on NVMe the root stays gathered from the end of forward into backward,
+            # which needs it first: one read of the (usually largest) unit saved per step.
+            keep_root = unit.is_root and hooked and self.shard_source is not None
+            if (hooked or not (unit.is_root and torch.is_grad_enabled())) and not keep_root:
                 self.release(unit)
-            # else: the root's outputs cannot be seen, so it stays gathered until backward ends
+            # else: the root stays gathered until backward ends (its outputs cannot be seen, or
+            # it is kept, above)
             return None
 
         return hook

@@ -73,7 +73,7 @@ class HostStep:
         self.pending: List[Future] = []
         self.store: Optional[NvmeSwapStore] = None
         self.scalar_state: Dict[int, dict] = {}  # id(piece.param) -> 0-d states (NVMe)
-        self._pipelines: Dict[tuple, SwapPipeline] = {}
+        self._pipeline: Optional[SwapPipeline] = None  # built at the first NVMe step, then reused
         if device_kind == "nvme":
             self.kinds = ["master"] + elementwise_state_kinds(engine.optimizer)
             self.offsets, total = region_layout([f.shard_numel for f in self.flats])
@@ -179,13 +179,9 @@ class HostStep:
             for i in indices:
                 publish(i)
             return
-        key = tuple(indices)
-        pipeline = self._pipelines.get(key)
-        if pipeline is None:
-            regions = [Region(self.offsets[i], self.flats[i].shard_numel) for i in indices]
-            pipeline = SwapPipeline(self.store, regions, buffer_count=self.buffer_count, kinds=self.kinds)
-            if len(indices) == len(self.flats):  # the whole-step pipeline: reuse its buffers
-                self._pipelines[key] = pipeline
+        if self._pipeline is None:  # one set of buffers, sized to the largest flat, for every step
+            everything = [Region(self.offsets[i], f.shard_numel) for i, f in enumerate(self.flats)]
+            self._pipeline = SwapPipeline(self.store, everything, buffer_count=self.buffer_count, kinds=self.kinds)
 
         def step_fn(j, region, tensors):
             i = indices[j]
@@ -197,7 +193,7 @@ class HostStep:
             finally:
                 self._detach(i)
 
-        pipeline.run(step_fn)
+        self._pipeline.run(step_fn, [Region(self.offsets[i], self.flats[i].shard_numel) for i in indices])
 
     def submit(self, indices: Sequence[int], publish) -> None:
         """Run :meth:`step` on the worker thread."""

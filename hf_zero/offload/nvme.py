@@ -531,8 +531,18 @@ class SwapPipeline:
         self.buffers = [{k: aligned_empty(largest) for k in self.kinds} for _ in range(buffer_count)]
         self.max_live = 0               # the most regions held in buffers at once (last run)
 
-    def run(self, step_fn: StepFn) -> None:
-        regions, B = self.regions, self.buffer_count
+    def run(self, step_fn: StepFn, regions: Optional[Sequence[Region]] = None) -> None:
+        """Step every region (or ``regions``: any others that fit the buffers, reusing them)."""
+        if regions is None:
+            regions = self.regions
+        else:
+            regions = [r if isinstance(r, Region) else Region(*r) for r in regions]
+            room = self.buffers[0][self.kinds[0]].numel() if self.kinds else 0
+            too_big = [r for r in regions if r.numel > room]
+            if too_big:
+                raise ValueError(f"region of {too_big[0].numel} elements does not fit this pipeline's "
+                                 f"buffers ({room} elements)")
+        B = self.buffer_count
         n = len(regions)
         ahead = max(1, B - 2)           # regions read ahead of the one being stepped
         reads: Dict[int, List[Future]] = {}
