@@ -612,6 +612,7 @@ class ZeroEngine:
         ``(checkpoint_dir, client_state)``. ``load_module_only``: the weights alone."""
         from ..checkpoint.sharded import load_checkpoint
 
+        self.runtime.release_all()  # stage 3: nothing stays gathered across the loaded weights
         return load_checkpoint(self, load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
                                load_lr_scheduler_states=load_lr_scheduler_states,
                                load_module_only=load_module_only)

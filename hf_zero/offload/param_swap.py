@@ -103,7 +103,7 @@ class ParamSwap:
             raise ValueError(f"flat {i}: shard size differs from the planned one")
         self._index[id(flat)] = i
         self._flats.append(flat)
-        self._write(i, flat.shard).result()
+        self._write(i, flat.shard.detach().cpu()).result()  # a GPU shard comes down first
         flat.drop_shard()
 
     def _i(self, flat) -> int:
