@@ -24,8 +24,11 @@ def pretrained(tmp_path_factory):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_meta_ranks_train_like_full_loading(pretrained, tmp_path, stage):
-    meta = launch(2, "meta_loading", {"path": str(pretrained), "meta": True, "stage": stage}, tmp_path / "meta")
-    full = launch(2, "meta_loading", {"path": str(pretrained), "meta": False, "stage": stage}, tmp_path / "full")
+    # A fixed mmap threshold makes glibc return every large freed block at once, so peak RSS follows
+    # the live tensors; with its adaptive default the peaks drifted by +-60 MB from run to run.
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    meta = launch(2, "meta_loading", {"path": str(pretrained), "meta": True, "stage": stage}, tmp_path / "meta", env=env)
+    full = launch(2, "meta_loading", {"path": str(pretrained), "meta": False, "stage": stage}, tmp_path / "full", env=env)
     assert [r["was_meta"] for r in meta] == [False, True]
     a, b = load_file(str(tmp_path / "meta" / "weights.safetensors")), load_file(str(tmp_path / "full" / "weights.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # identical training

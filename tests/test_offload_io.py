@@ -425,7 +425,7 @@ def test_a_live_store_is_not_taken_over_but_a_stale_file_is(tmp_path):
     stale.write_bytes(b"left by a killed run")
     with NvmeSwapStore(str(tmp_path), 0, {"a": 10}, use_direct=False) as first:
         assert os.path.getsize(stale) == ALIGN
-        with pytest.raises(OffloadError, match="in use by another live process"):
+        with pytest.raises(OffloadError, match="in use by another live swap store"):
             NvmeSwapStore(str(tmp_path), 0, {"a": 10}, use_direct=False)
         assert stale.exists()               # the refused store did not delete the live file
         first.write_from("a", torch.ones(10))

@@ -316,8 +316,9 @@ class NvmeSwapStore:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 self._paths.remove(fpath)   # someone else's live file: never delete it
-                self._fail(f"{os.path.basename(fpath)} is in use by another live process",
-                           "give each job its own directory, or distinct ranks")
+                self._fail(f"{os.path.basename(fpath)} is in use by another live swap store (another job, "
+                           "or another engine in this process)",
+                           "give each job (and each engine) its own directory, or distinct ranks")
             try:
                 os.ftruncate(fd, 0)
                 try:
