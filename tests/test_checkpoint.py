@@ -38,6 +38,16 @@ def runs(tmp_path_factory):
     ck2 = root / "ckpt2"
     out["3_stage1"] = launch(3, S, {"stage": 1, "start": 3, "stop": 4, "load": str(ck), "save": str(ck2)}, root / "l_31")[0]
     out["3to2_stage3"] = launch(2, S, {"stage": 3, "start": 4, "stop": 6, "load": str(ck2)}, root / "l_32")[0]
+    # 2 -> 3 into stage 3 with optimizer states and parameter shards in NVMe swap files, saving at
+    # step 4, then 3 -> 2 back at stage 2 with nothing offloaded
+    nvme, ck3 = root / "nvme", root / "ckpt3"
+    nvme.mkdir()
+    offload = {"offload_optimizer": {"device": "nvme", "nvme_path": str(nvme)},
+               "offload_param": {"device": "nvme", "nvme_path": str(nvme)}}
+    out["3_nvme"] = launch(3, S, {"stage": 3, "start": 3, "stop": 4, "load": str(ck), "save": str(ck3),
+                                  "zero_extra": offload}, root / "l_3nvme")[0]
+    out["nvme_to_2"] = launch(2, S, {"stage": 2, "start": 4, "stop": 6, "load": str(ck3)}, root / "l_nvme2")[0]
+    out["nvme_leftovers"] = sorted(p.name for p in nvme.iterdir())
     # stage 0 checkpoints (one copy on rank 0) load at stage 2
     ck0 = root / "ckpt0"
     launch(2, S, {"stage": 0, "start": 0, "stop": 3, "save": str(ck0)}, root / "l_s0")
@@ -67,6 +77,13 @@ def test_resume_other_world_and_stage(runs, name):
 def test_resume_chain_3_to_2(runs):
     _, out = runs
     assert out["3_stage1"]["losses"] + out["3to2_stage3"]["losses"] == pytest.approx(out["full"]["losses"][3:], abs=2e-5)
+
+
+def test_resume_through_nvme_offload_at_another_world(runs):
+    _, out = runs
+    assert out["3_nvme"]["losses"] + out["nvme_to_2"]["losses"] == pytest.approx(out["full"]["losses"][3:], abs=2e-5)
+    assert out["nvme_to_2"]["lr"] == out["full"]["lr"]
+    assert out["nvme_leftovers"] == []
 
 
 def test_crash_during_save_keeps_previous_checkpoint(runs):
