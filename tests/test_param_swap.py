@@ -106,3 +106,19 @@ def test_engine_keeps_parameter_shards_on_nvme(tmp_path):
     assert engine.param_swap.prefetch_hits > 0
     engine.destroy()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_engine_refuses_a_swap_directory_without_room_before_any_step(tmp_path, monkeypatch):
+    """Too little free space for the parameter files: a clear error from initialize, no file left."""
+    import hf_zero.offload.nvme as nvme
+    from hf_zero.offload.nvme import OffloadError
+
+    monkeypatch.setattr(nvme, "_free_bytes", lambda path: 1 << 20)  # 1 MiB free
+    cfg = {"train_micro_batch_size_per_gpu": 2,
+           "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                 "offload_param": {"device": "nvme", "nvme_path": str(tmp_path)}},
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    with pytest.raises(OffloadError, match="too little free space") as e:
+        hf_zero.initialize(model=build("llama"), config=cfg)
+    assert str(tmp_path) in str(e.value) and "Fix:" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
