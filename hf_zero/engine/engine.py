@@ -119,7 +119,6 @@ class ZeroEngine:
         self.runtime = StageRuntime(
             self.units, comm, stage=self.stage, comm_dtype=comm_dtype, accum_dtype=accum, predivide=predivide,
             shard_source=self.param_swap,
-            read_ahead=max(1, zo.offload_param.buffer_count - 1) if self.param_swap is not None else 0,
         )
         self.runtime.on_backward_end = self.runtime.finish_backward
         self.runtime.install()

@@ -21,7 +21,7 @@ Note:
       head) is gathered for the whole forward and again for the whole backward.
     * Parameter offload to NVMe (``shard_source``): a gather takes each flat's shard from the
       source (``acquire``) and hands it back once the gather is waited for (``release``); the
-      shards of the next ``read_ahead`` units in the current order are read in the background
+      shards of the next ``read_ahead_units`` units in the current order are read in the background
       (``prefetch``) when a unit is gathered, and at the end of forward for backward's first
       units; the root is not released between a training forward and its backward.
     * Activation checkpointing: a forward that runs inside backward (recomputation) gathers its
@@ -97,7 +97,6 @@ class StageRuntime:
         predivide: float,
         prefetch: bool = True,
         shard_source=None,
-        read_ahead: int = 0,
     ):
         self.units = list(units)
         self.comm = comm
@@ -107,9 +106,8 @@ class StageRuntime:
         self.predivide = predivide
         self.prefetch_enabled = prefetch and stage == 3
         # Stage 3 with parameter offload to NVMe: shards come from here (acquire / release /
-        # prefetch, see hf_zero.offload.param_swap), read ``read_ahead`` units ahead of use.
+        # prefetch / read_ahead_units, see hf_zero.offload.param_swap).
         self.shard_source = shard_source
-        self.read_ahead = read_ahead
         self.root = next(u for u in self.units if u.is_root)
         self._slot: Dict[int, tuple] = {}
         for u in self.units:
@@ -207,21 +205,17 @@ class StageRuntime:
     def read_ahead_for_forward(self) -> None:
         """After an optimizer step: start reading the root's and the first units' shards for
         the next forward (assumed to run in this step's order)."""
-        if self.shard_source is None or not self.read_ahead:
-            return
-        order = self.forward_order or self.last_forward_order
-        self.shard_source.prefetch(list(self.root.flats) + [f for u in order[: self.read_ahead] for f in u.flats])
+        if self.shard_source is not None:
+            order = [self.root] + (self.forward_order or self.last_forward_order)
+            self._read_ahead(order, 0, count=1 + self.shard_source.read_ahead_units)
 
-    def _read_ahead_from(self, order: List[Unit], unit: Unit) -> None:
-        """Start reading the shards of the ``read_ahead`` units after ``unit`` in ``order`` (all
-        of the first ones when ``unit`` is the root, which runs before them)."""
-        if self.shard_source is None or not self.read_ahead:
+    def _read_ahead(self, order: List[Unit], start: int, count: Optional[int] = None) -> None:
+        """Parameter offload to NVMe: start reading the shards of ``count`` units (default: the
+        source's read-ahead) from ``order[start]`` on, those not gathered."""
+        if self.shard_source is None:
             return
-        start = 0
-        if not unit.is_root:
-            start = next((i + 1 for i, u in enumerate(order) if u is unit), len(order))
-        upcoming = [u for u in order[start : start + self.read_ahead] if u.state is FlatState.SHARDED]
-        self.shard_source.prefetch([f for u in upcoming for f in u.flats])
+        upcoming = order[start : start + (count or self.shard_source.read_ahead_units)]
+        self.shard_source.prefetch([f for u in upcoming if u.state is FlatState.SHARDED for f in u.flats])
 
     def release(self, unit: Unit) -> None:
         if self.stage != 3 or unit.state is FlatState.SHARDED:
@@ -246,11 +240,11 @@ class StageRuntime:
             else:
                 self.forward_order.append(unit)
             self.gather(unit)
-            self._read_ahead_from(self.last_forward_order, unit)
-            if self.prefetch_enabled and not unit.is_root:
-                nxt = self._next_in(self.last_forward_order, unit)
-                if nxt is not None:
-                    self.gather(nxt, async_op=True)
+            order = self.last_forward_order  # this forward is expected to follow the last one
+            nxt = 0 if unit.is_root else self._after(order, unit)
+            self._read_ahead(order, nxt)
+            if self.prefetch_enabled and not unit.is_root and nxt < len(order):
+                self.gather(order[nxt], async_op=True)
             return None
 
         return hook
@@ -267,15 +261,13 @@ class StageRuntime:
                     if u is not self.root:
                         self.release(u)
                 if torch.is_grad_enabled():  # backward starts with the last units of this forward
-                    self._read_ahead_from(self.forward_order[::-1], unit)
+                    self._read_ahead(self.forward_order[::-1], 0)
             hooked = torch.is_grad_enabled() and self._register_output_hooks(unit, output)
-            # With shards on NVMe the root stays gathered from the end of forward into backward,
-            # which needs it first: one read of the (usually largest) unit saved per step.
-            keep_root = unit.is_root and hooked and self.shard_source is not None
-            if (hooked or not (unit.is_root and torch.is_grad_enabled())) and not keep_root:
+            # The root stays gathered until backward ends when its outputs cannot be seen, and,
+            # with shards on NVMe, always after a training forward: backward needs it first, so
+            # keeping it saves a read of the (usually largest) unit per step.
+            if not (unit.is_root and torch.is_grad_enabled() and (not hooked or self.shard_source is not None)):
                 self.release(unit)
-            # else: the root stays gathered until backward ends (its outputs cannot be seen, or
-            # it is kept, above)
             return None
 
         return hook
@@ -289,11 +281,9 @@ class StageRuntime:
         return hooked
 
     @staticmethod
-    def _next_in(order: List[Unit], unit: Unit) -> Optional[Unit]:
-        for i, u in enumerate(order):
-            if u is unit:
-                return order[i + 1] if i + 1 < len(order) else None
-        return None
+    def _after(order: List[Unit], unit: Unit) -> int:
+        """The position just after ``unit`` in ``order`` (``len(order)`` if it is not there)."""
+        return next((i + 1 for i, u in enumerate(order) if u is unit), len(order))
 
     # ------------------------------------------------------------------------------ backward
     def _begin_backward(self) -> None:
@@ -326,7 +316,7 @@ class StageRuntime:
         pos = self._position(unit)
         self.flush(pos, release=True)
         self.gather(unit)
-        self._read_ahead_from(self.backward_order[:-1], unit)
+        self._read_ahead(self.backward_order[:-1], pos + 1)
         if self.prefetch_enabled and pos + 1 < len(self.backward_order) - 1:
             self.gather(self.backward_order[pos + 1], async_op=True)
 

@@ -77,6 +77,7 @@ class HostStep:
         if device_kind == "nvme":
             self.kinds = ["master"] + elementwise_state_kinds(engine.optimizer)
             self.offsets, total = region_layout([f.shard_numel for f in self.flats])
+            self.regions = [Region(o, f.shard_numel) for o, f in zip(self.offsets, self.flats)]
             self.store = NvmeSwapStore(nvme_path, engine.rank, {k: total for k in self.kinds},
                                        block_size=aio_block_size, threads=aio_threads)
             self.buffer_count = max(2, buffer_count)
@@ -180,8 +181,7 @@ class HostStep:
                 publish(i)
             return
         if self._pipeline is None:  # one set of buffers, sized to the largest flat, for every step
-            everything = [Region(self.offsets[i], f.shard_numel) for i, f in enumerate(self.flats)]
-            self._pipeline = SwapPipeline(self.store, everything, buffer_count=self.buffer_count, kinds=self.kinds)
+            self._pipeline = SwapPipeline(self.store, self.regions, buffer_count=self.buffer_count, kinds=self.kinds)
 
         def step_fn(j, region, tensors):
             i = indices[j]
@@ -193,7 +193,7 @@ class HostStep:
             finally:
                 self._detach(i)
 
-        self._pipeline.run(step_fn, [Region(self.offsets[i], self.flats[i].shard_numel) for i in indices])
+        self._pipeline.run(step_fn, [self.regions[i] for i in indices])
 
     def submit(self, indices: Sequence[int], publish) -> None:
         """Run :meth:`step` on the worker thread."""

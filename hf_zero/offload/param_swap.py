@@ -57,7 +57,8 @@ class ParamSwap:
         shard_sizes: per flat, in the order flats are later :meth:`adopt`-ed, ``(numel, dtype)``
             of its shard; unit_of: per flat, the index of its unit (sizes the read-ahead budget).
         nvme_path, rank, block_size, threads: as :class:`~hf_zero.offload.nvme.NvmeSwapStore`.
-        buffer_count: units whose shards read-ahead may keep in RAM at once.
+        buffer_count: units whose shards read-ahead may keep in RAM at once; the gathers read
+            ``buffer_count - 1`` units ahead (``read_ahead_units``).
         pin: pin the host buffers (CUDA).
     """
 
@@ -70,6 +71,7 @@ class ParamSwap:
         for w, u in zip(self.words, unit_of):
             unit_bytes[u] = unit_bytes.get(u, 0) + w * ELEM
         self.budget_bytes = max(unit_bytes.values(), default=0) * max(1, buffer_count)
+        self.read_ahead_units = max(1, buffer_count - 1)  # units the gathers read ahead of use
         self.pin = pin
         self.store = NvmeSwapStore(nvme_path, rank, {KIND: total}, block_size=block_size, threads=threads,
                                    use_direct=use_direct)
@@ -131,22 +133,19 @@ class ParamSwap:
     def _issue_read(self, i: int) -> _Held:
         with self._values_lock:
             values = self._in_flight_values.get(i)
-        if values is not None:            # written moments ago: the bytes are still in RAM
-            buf = self._take_buffer(self.words[i])
-            buf.copy_(values)
-            held = _Held(buf, None, self.words[i])
-            self._held[i] = held
-            self.reads += 1
-            self.reads_from_pending_writes += 1
-            return held
-        pending = self._writes.pop(i, None)
-        if pending is not None:
-            pending.result()
         buf = self._take_buffer(self.words[i])
-        held = _Held(buf, self.store.read(KIND, buf, self.offsets[i]), self.words[i])
-        self._held[i] = held
+        if values is not None:            # written moments ago: the bytes are still in RAM
+            buf.copy_(values)
+            read = None
+            self.reads_from_pending_writes += 1
+        else:
+            pending = self._writes.pop(i, None)
+            if pending is not None:
+                pending.result()
+            read = self.store.read(KIND, buf, self.offsets[i])
+            self.bytes_read += self.words[i] * ELEM
+        held = self._held[i] = _Held(buf, read, self.words[i])
         self.reads += 1
-        self.bytes_read += self.words[i] * ELEM
         return held
 
     # ---------------------------------------------------------------------------- use
