@@ -42,6 +42,7 @@ from .optim import (
 )
 from .precision import LossScaler, local_overflow
 from .stages import StageRuntime, Unit
+from .teardown import install_exit_teardown
 from .units import build_units, find_layer_modules
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -84,6 +85,8 @@ class ZeroEngine:
         self.alignment = alignment
         self.stage = config.zero_optimization.stage
         self.rank, self.world_size = comm.rank, comm.world_size
+        if self.world_size > 1:
+            install_exit_teardown()  # no SIGABRT at exit from gloo's worker threads (teardown.py)
         self.gradient_accumulation_steps = int(config.gradient_accumulation_steps)
         self.micro_batch_size = int(config.train_micro_batch_size_per_gpu)
         self.gradient_clipping = float(config.gradient_clipping or 0.0)
