@@ -296,13 +296,20 @@ def _is_auto(value: Any) -> bool:
     return isinstance(value, str) and value == AUTO
 
 
+_FLOAT_EXACT = 2 ** 53          # largest float range in which every integer is exact
+_BATCH_MAX = 2 ** 31 - 1        # a batch-size key beyond this is a typo, not a batch
+
+
 def _int(key: str, value: Any, *, minimum: int | None = 0, maximum: int | None = None,
          auto: bool = False, optional: bool = False) -> Any:
     if auto and _is_auto(value):
         return AUTO
     if optional and value is None:
         return None
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+    # A float is taken only when it is integral *and* exact (|x| <= 2**53):
+    # 1e30 is "integral" but not a count anyone meant, and int() of it
+    # would silently invent digits.
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer() and abs(value) <= _FLOAT_EXACT:
         value = int(value)
     if (
         isinstance(value, int)
@@ -351,7 +358,11 @@ def _bool(key: str, value: Any, *, auto: bool = False) -> Any:
         return AUTO
     if isinstance(value, bool):
         return value
-    raise _fail(key, "true or false", value, auto)
+    # DeepSpeed reads these keys as Python truthiness / pydantic lax bools,
+    # so configs written for it use 0 and 1; accept exactly those two ints.
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    raise _fail(key, "true or false (or 0/1)", value, auto)
 
 
 def _choice(key: str, value: Any, choices: Collection[str], *, optional: bool = False) -> Any:
@@ -551,6 +562,9 @@ class OffloadConfig:
         return self.device != "none"
 
 
+_AIO_ALIGN = 4096               # hf_zero.offload.nvme.ALIGN: direct-I/O span granularity
+
+
 @dataclass(frozen=True)
 class AioConfig:
     """The "aio" block (asynchronous I/O for NVMe offload)."""
@@ -566,6 +580,12 @@ class AioConfig:
         s = object.__setattr__
         for name in ("block_size", "queue_depth", "thread_count"):
             s(self, name, _int(name, getattr(self, name), minimum=1))
+        if self.block_size % _AIO_ALIGN:
+            raise ConfigError(
+                f"must be a multiple of {_AIO_ALIGN} bytes (the O_DIRECT alignment of NVMe transfers), got "
+                f"{self.block_size}; nearest valid: {max(_AIO_ALIGN, round(self.block_size / _AIO_ALIGN) * _AIO_ALIGN)}",
+                key="block_size",
+            )
         for name in ("single_submit", "overlap_events", "use_gds"):
             s(self, name, _bool(name, getattr(self, name)))
 
@@ -624,6 +644,12 @@ class ZeroOptimizationConfig:
             for f in dataclasses.fields(OffloadConfig):
                 if f.name not in allowed and getattr(cfg, f.name) != getattr(default, f.name):
                     raise ConfigError(f"only valid in {other}", key=f"{section}.{f.name}")
+        if self.offload_param.buffer_count < 2:
+            raise ConfigError(
+                f"must be >= 2 for offload_param, got {self.offload_param.buffer_count}: one buffer holds the "
+                "unit being gathered and the others read ahead; hf_zero refuses rather than raise it silently",
+                key="offload_param.buffer_count",
+            )
         if self.offload_param.enabled and self.stage != 3:
             raise ConfigError(
                 f"offloading parameters (device {_show(self.offload_param.device)}) needs stage 3, "
@@ -753,7 +779,7 @@ class ZeroConfig:
     def _validate(self) -> None:
         s = object.__setattr__
         for name in _BATCH_KEYS:
-            s(self, name, _int(name, getattr(self, name), minimum=1, auto=True, optional=True))
+            s(self, name, _int(name, getattr(self, name), minimum=1, maximum=_BATCH_MAX, auto=True, optional=True))
         s(self, "gradient_clipping", _float("gradient_clipping", self.gradient_clipping, minimum=0.0, auto=True))
         for name, cls in (("fp16", FP16Config), ("bf16", BF16Config), ("zero_optimization", ZeroOptimizationConfig),
                           ("aio", AioConfig)):
@@ -889,7 +915,7 @@ class ZeroConfig:
                 if key in explicit or sum(v is not None for v in batch.values()) < 2:
                     batch[key] = values[key]
         for key in _BATCH_KEYS:
-            batch[key] = _int(key, batch[key], minimum=1, optional=True)
+            batch[key] = _int(key, batch[key], minimum=1, maximum=_BATCH_MAX, optional=True)
         tbs, micro, gas = _derive_batch(
             batch["train_batch_size"], batch["train_micro_batch_size_per_gpu"],
             batch["gradient_accumulation_steps"], world_size,

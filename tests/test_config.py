@@ -216,7 +216,7 @@ def test_unknown_key_with_suggestion(config, message):
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"train_batch_size": "32"}, r"train_batch_size: expected an integer >= 1.*got \"32\" \(a string; write the"),
+        ({"train_batch_size": "32"}, r"train_batch_size: expected an integer from 1 to 2147483647.*got \"32\" \(a string; write the"),
         ({"fp16": {"enabled": "true"}}, r"fp16\.enabled: expected true or false.*got \"true\" \(a string; write tru"),
         ({"zero_optimization": {"stage": 4}}, r"zero_optimization\.stage: expected an integer from 0 to 3, got 4"),
         ({"zero_optimization": {"stage": True}}, r"zero_optimization\.stage: .*got true \(a boolean\)"),
@@ -613,7 +613,7 @@ def test_resolve_rejects_unknown_value_keys_and_bad_values():
     with pytest.raises(ConfigError, match=r"unknown key 'optimizer\.params\.lrr' in resolve\(\) values; did you "
                                           r"mean 'optimizer\.params\.lr'\?"):
         ZeroConfig().resolve(1, {"optimizer.params.lrr": 1e-3})
-    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu: expected an integer >= 1"):
+    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu: expected an integer from 1 to 2147483647"):
         ZeroConfig().resolve(1, {"train_micro_batch_size_per_gpu": 0})
     with pytest.raises(ConfigError, match=r"fp16\.enabled: expected true or false"):
         load(fp16={"enabled": "auto"}).resolve(1, {"fp16.enabled": "yes"})
@@ -684,3 +684,54 @@ def test_batch_none():
 def test_batch_auto_without_values_is_derived():
     assert batch(2, train_batch_size=AUTO, train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=AUTO) == (
         8, 4, 1)
+
+
+# ---------------------------------------------------- leniency (issue 13.9)
+
+
+@pytest.mark.parametrize("value", [1e30, 2.0 ** 60, 2 ** 40, 1.5, float("inf")])
+@pytest.mark.parametrize("key", ["train_micro_batch_size_per_gpu", "train_batch_size",
+                                 "gradient_accumulation_steps"])
+def test_absurd_or_non_integral_batch_values_are_refused_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=rf"{key}: expected an integer from 1 to 2147483647 or null or \"auto\", got "):
+        load(**{key: value})
+
+
+def test_integral_float_batch_value_is_still_taken_exactly():
+    assert load(train_micro_batch_size_per_gpu=4.0).train_micro_batch_size_per_gpu == 4
+
+
+def test_resolve_refuses_absurd_batch_value():
+    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu: expected an integer from 1"):
+        ZeroConfig().resolve(1, {"train_micro_batch_size_per_gpu": 1e30})
+
+
+def test_huge_integral_float_is_refused_not_rounded():
+    # 2**53 + 2 is exact in float but 1e17 is not what anyone typed as a count.
+    with pytest.raises(ConfigError, match=r"zero_optimization\.reduce_bucket_size: expected an integer"):
+        load(zero_optimization={"reduce_bucket_size": 1e17})
+
+
+def test_offload_param_buffer_count_1_is_refused_with_reason():
+    with pytest.raises(ConfigError, match=r"zero_optimization\.offload_param\.buffer_count: must be >= 2 .*got 1"):
+        load(zero_optimization={"stage": 3, "offload_param": {"device": "cpu", "buffer_count": 1}})
+    cfg = load(zero_optimization={"stage": 3, "offload_param": {"device": "cpu", "buffer_count": 2}})
+    assert cfg.zero_optimization.offload_param.buffer_count == 2
+
+
+def test_aio_block_size_must_be_a_multiple_of_4096():
+    with pytest.raises(ConfigError, match=r"aio\.block_size: must be a multiple of 4096 .*got 1000"):
+        load(aio={"block_size": 1000})
+    assert load(aio={"block_size": 8192}).aio.block_size == 8192
+
+
+@pytest.mark.parametrize("value, expected", [(1, True), (0, False), (True, True)])
+def test_int_0_1_accepted_as_bool_like_deepspeed(value, expected):
+    cfg = load(zero_allow_untested_optimizer=value, fp16={"enabled": value})
+    assert cfg.zero_allow_untested_optimizer is expected and cfg.fp16.enabled is expected
+
+
+@pytest.mark.parametrize("value", [2, -1, 1.0, "1"])
+def test_other_values_are_not_bools(value):
+    with pytest.raises(ConfigError, match=r"zero_allow_untested_optimizer: expected true or false \(or 0/1\)"):
+        load(zero_allow_untested_optimizer=value)

@@ -309,6 +309,25 @@ class ZeroEngine:
             return build_scheduler(self.config.scheduler, self.optimizer)
         return None
 
+    def __getattr__(self, name: str):
+        # Called only for names the engine itself lacks: forward them to the
+        # wrapped model (engine.generate, engine.gradient_checkpointing_enable,
+        # ...) as DeepSpeed's engine does.  The engine's own attributes win
+        # (engine.config is the ZeroConfig; the model's is engine.module.config).
+        # Read "module" from __dict__ so that a lookup before __init__ has set it
+        # (or on an instance being unpickled/copied) fails instead of recursing;
+        # dunders are never forwarded, so copy/pickle probes see the engine only.
+        module = self.__dict__.get("module")
+        if module is None or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        try:
+            return getattr(module, name)
+        except AttributeError:
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r}, and neither has the wrapped "
+                f"{type(module).__name__}"
+            ) from None
+
     # ------------------------------------------------------------------------------ loop
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)

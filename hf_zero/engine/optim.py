@@ -80,6 +80,11 @@ def build_optimizer(opt_type: str, params: dict, param_groups) -> torch.optim.Op
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     kind = opt_type.lower()
+    if kind in ("adam", "adamw"):
+        # DeepSpeed builds FusedAdam / DeepSpeedCPUAdam for both names, whose weight_decay
+        # defaults to 0.0; torch.optim.AdamW's default is 0.01.  lr 1e-3, betas (0.9, 0.999)
+        # and eps 1e-8 are the same in both.
+        kwargs.setdefault("weight_decay", 0.0)
     if kind == "adamw" or (kind == "adam" and params.get("adam_w_mode", True)):
         return torch.optim.AdamW(param_groups, **kwargs)
     if kind == "adam":

@@ -7,8 +7,11 @@ Note:
       WarmupDecayLR express absolute rates, converted by dividing by that ``lr``.
     * Definitions (ours, documented in docs/config.md):
       - WarmupLR: from ``warmup_min_lr`` to ``warmup_max_lr`` over ``warmup_num_steps``
-        ("log": logarithmic in the step, "linear": linear), then constant.
-      - WarmupDecayLR: WarmupLR, then linear decay to 0 at ``total_num_steps``.
+        (raised to at least 2, as DeepSpeed does; "log": logarithmic in the step, "linear":
+        linear), then constant.  Timed exactly as DeepSpeed's: after n scheduler steps the lr is
+        that of DeepSpeed's ``last_batch_iteration = max(n - 1, 0)``, so the first two optimizer
+        steps both use ``warmup_min_lr`` (tests/test_schedulers.py).
+      - WarmupDecayLR: WarmupLR, then linear decay to ``warmup_min_lr`` at ``total_num_steps``.
       - WarmupCosineLR: from ``warmup_min_ratio`` x lr to lr over ``warmup_num_steps``, then a
         cosine to ``cos_min_ratio`` x lr at ``total_num_steps``.
 """
@@ -42,11 +45,16 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer) -> torch.optim.lr_sch
         if total is not None and total <= warmup:
             raise ValueError(f"scheduler.params.total_num_steps ({total}) must exceed warmup_num_steps ({warmup})")
 
+        warmup = max(2, warmup)  # DeepSpeed raises warmup_num_steps to at least 2
+
         def make(base):
-            def f(step):
-                lr = lo + (hi - lo) * _warmup_fraction(step, warmup, wtype)
-                if total is not None and step >= warmup:
-                    lr = hi * max(0.0, (total - step) / (total - warmup))
+            def f(n):
+                it = max(n - 1, 0)  # DeepSpeed's last_batch_iteration after n scheduler steps
+                if total is not None and it >= warmup:
+                    gamma = max(0.0, (total - it) / max(1, total - warmup))
+                else:
+                    gamma = _warmup_fraction(it, warmup, wtype)
+                lr = lo + (hi - lo) * gamma  # decays to warmup_min_lr, as DeepSpeed's does
                 return lr / base if base else 0.0
             return f
 
