@@ -88,3 +88,42 @@ def tag_mismatch(payload, out_dir: Path):
     except Exception as exc:  # noqa: BLE001
         error = f"{type(exc).__name__}: {exc}"
     return {"error": error, "exists": Path(payload["save"]).exists() and sorted(p.name for p in Path(payload["save"]).iterdir())}
+
+
+def _full_weights(engine):
+    return {k: v.float().clone() for k, v in engine.full_state_dict().items()}
+
+
+def nonfinite(payload, out_dir: Path):
+    """Train ``steps``; at the steps in ``bad_steps`` rank ``bad_rank``'s loss is multiplied by
+    inf or NaN. Steps listed in ``omit`` are not run at all (the reference). Rank 0 writes the
+    final weights; every rank reports whether a bad step changed anything."""
+    rank, world = init_distributed()
+    engine = make_engine(payload)
+    unchanged, error = [], None
+    bad_value = float(payload.get("bad", "nan"))
+    try:
+        for step in range(payload["steps"]):
+            if step in payload.get("omit", []):
+                continue
+            bad = step in payload.get("bad_steps", [])
+            before = _full_weights(engine) if bad else None
+            ids = batch(step, rank, world)
+            loss = engine(input_ids=ids, labels=ids).loss
+            if bad and rank == payload.get("bad_rank", 1):
+                loss = loss * bad_value
+            engine.backward(loss)
+            engine.step()
+            if bad:
+                after = _full_weights(engine)
+                unchanged.append(all(torch.equal(before[k], after[k]) for k in before))
+    except Exception as exc:  # noqa: BLE001 - the test inspects the message
+        error = f"{type(exc).__name__}: {exc}"
+    sd = _full_weights(engine)
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        save_file(sd, str(out_dir / "final.safetensors"))
+    finite = all(bool(torch.isfinite(v).all()) for v in sd.values())
+    return {"unchanged": unchanged, "skipped": engine.skipped_steps, "global_steps": engine.global_steps,
+            "error": error, "finite": finite, "scale": engine.loss_scale}
