@@ -127,3 +127,22 @@ def nonfinite(payload, out_dir: Path):
     finite = all(bool(torch.isfinite(v).all()) for v in sd.values())
     return {"unchanged": unchanged, "skipped": engine.skipped_steps, "global_steps": engine.global_steps,
             "error": error, "finite": finite, "scale": engine.loss_scale}
+
+
+def frozen_peer(payload, out_dir: Path):
+    """Rank 1 stops itself (SIGSTOP) before its backward; rank 0 must fail within the timeout."""
+    rank, world = init_distributed(timeout_s=payload["timeout"])
+    engine = make_engine(payload)
+    ids = batch(0, rank, world)
+    loss = engine(input_ids=ids, labels=ids).loss
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    t0 = time.time()
+    try:
+        engine.backward(loss)
+        engine.step()
+        error = None
+    except Exception as exc:  # noqa: BLE001
+        error = f"{type(exc).__name__}: {exc}"
+    (out_dir / f"frozen{rank}.json").write_text(__import__("json").dumps({"error": error, "seconds": time.time() - t0}))
+    os._exit(3)

@@ -83,3 +83,13 @@ def test_fp16_at_min_loss_scale_stops_like_deepspeed(tmp_path):
     for r in out:
         assert r["error"] and "NonFiniteError" in r["error"] and "min_loss_scale=1" in r["error"], r
         assert r["skipped"] == 3 and r["scale"] == 1.0 and r["finite"], r
+
+
+def test_frozen_peer_ends_within_the_timeout(tmp_path):
+    import json
+
+    with pytest.raises(AssertionError, match="failed on rank"):
+        launch(2, "fault_scenarios:frozen_peer", {"timeout": 10}, tmp_path / "run", timeout=120)
+    r = json.loads((tmp_path / "run" / "frozen0.json").read_text())
+    assert r["error"] and "CollectiveTimeout: rank 0:" in r["error"] and "timeout" in r["error"], r
+    assert r["seconds"] < 30, r
