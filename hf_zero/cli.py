@@ -19,8 +19,9 @@ def _consolidate(args) -> int:
 
     try:
         files = consolidate(args.checkpoint_dir, args.out_dir, tag=args.tag, dtype=args.dtype,
-                            max_shard_size=args.max_shard_size, progress=not args.quiet)
-    except (CheckpointError, ValueError) as exc:
+                            max_shard_size=args.max_shard_size, progress=not args.quiet,
+                            verify=not args.no_verify)
+    except (CheckpointError, ValueError, OSError) as exc:
         print(f"hf-zero consolidate: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {len(files)} file(s) to {args.out_dir}: {', '.join(files)}")
@@ -147,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output dtype (default: the dtype the model trained in)")
     c.add_argument("--max-shard-size", default="5GB", help="largest output file, e.g. 5GB or 500MB")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the rank files (sizes are still checked)")
     c.set_defaults(func=_consolidate)
 
     e = sub.add_parser("estimate", help="memory per GPU and per node for each stage, with and without offload")

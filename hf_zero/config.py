@@ -713,6 +713,26 @@ class BF16Config:
 
 
 @dataclass(frozen=True)
+class HFZeroConfig:
+    """The "hf_zero" block: hf_zero's own keys (no DeepSpeed equivalent); see docs/reliability.md.
+
+    skip_non_finite_steps: skip an optimizer step whose gradients hold inf/NaN, in every
+    precision (fp16 always does). max_consecutive_skipped_steps: stop with an error after this
+    many skipped steps in a row (0 = never) in fp32, bf16 and static-scale fp16; dynamic fp16
+    stops as DeepSpeed does, at an overflow with the scale already at min_loss_scale.
+    """
+
+    skip_non_finite_steps: bool = True
+    max_consecutive_skipped_steps: int = 10
+
+    def __post_init__(self) -> None:
+        s = object.__setattr__
+        s(self, "skip_non_finite_steps", _bool("skip_non_finite_steps", self.skip_non_finite_steps))
+        s(self, "max_consecutive_skipped_steps",
+          _int("max_consecutive_skipped_steps", self.max_consecutive_skipped_steps, minimum=0))
+
+
+@dataclass(frozen=True)
 class OptimizerConfig:
     """The "optimizer" block: type is "Adam", "AdamW" or "SGD"."""
 
@@ -757,6 +777,7 @@ class ZeroConfig:
     gradient_clipping: float | str = 0.0
     fp16: FP16Config = field(default_factory=FP16Config)
     bf16: BF16Config = field(default_factory=BF16Config)
+    hf_zero: HFZeroConfig = field(default_factory=HFZeroConfig)
     zero_optimization: ZeroOptimizationConfig = field(default_factory=ZeroOptimizationConfig)
     optimizer: OptimizerConfig | None = None
     scheduler: SchedulerConfig | None = None
@@ -782,7 +803,7 @@ class ZeroConfig:
             s(self, name, _int(name, getattr(self, name), minimum=1, maximum=_BATCH_MAX, auto=True, optional=True))
         s(self, "gradient_clipping", _float("gradient_clipping", self.gradient_clipping, minimum=0.0, auto=True))
         for name, cls in (("fp16", FP16Config), ("bf16", BF16Config), ("zero_optimization", ZeroOptimizationConfig),
-                          ("aio", AioConfig)):
+                          ("aio", AioConfig), ("hf_zero", HFZeroConfig)):
             if not isinstance(getattr(self, name), cls):
                 raise _fail(name, f"a {cls.__name__}", getattr(self, name))
         for name, cls in (("optimizer", OptimizerConfig), ("scheduler", SchedulerConfig)):
@@ -1023,6 +1044,7 @@ class ZeroConfig:
         out["gradient_predivide_factor"] = self.gradient_predivide_factor
         out["steps_per_print"] = self.steps_per_print
         out["wall_clock_breakdown"] = self.wall_clock_breakdown
+        out["hf_zero"] = dataclasses.asdict(self.hf_zero)
         return out
 
 
@@ -1111,10 +1133,11 @@ _TOP_KEYS = (
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
     "fp16", "bf16", "bfloat16", "zero_optimization", "optimizer", "scheduler", "aio",
     "zero_allow_untested_optimizer", "data_types", "communication_data_type", "prescale_gradients",
-    "gradient_predivide_factor", "steps_per_print", "wall_clock_breakdown",
+    "gradient_predivide_factor", "steps_per_print", "wall_clock_breakdown", "hf_zero",
 )
 _FP16_KEYS = tuple(f.name for f in dataclasses.fields(FP16Config))
 _AIO_KEYS = tuple(f.name for f in dataclasses.fields(AioConfig))
+_HF_ZERO_KEYS = tuple(f.name for f in dataclasses.fields(HFZeroConfig))
 _ZERO_KEYS = tuple(f.name for f in dataclasses.fields(ZeroOptimizationConfig)) + (
     "cpu_offload", "stage3_gather_fp16_weights_on_model_save",
 )
@@ -1153,6 +1176,8 @@ def _parse(raw: Any, source: str) -> ZeroConfig:
                     raise ConfigError(e.detail, key="bfloat16" + e.key[4:], inline=e._inline) from None
                 raise
             kwargs["bf16"] = _build(BF16Config, fields, name)
+    if "hf_zero" in top:
+        kwargs["hf_zero"] = _build(HFZeroConfig, _section(top["hf_zero"], "hf_zero", _HF_ZERO_KEYS), "hf_zero")
     if "aio" in top:
         kwargs["aio"] = _build(AioConfig, _section(top["aio"], "aio", _AIO_KEYS), "aio")
     if "zero_optimization" in top:

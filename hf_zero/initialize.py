@@ -62,6 +62,7 @@ def initialize(
     collate_fn: Any = None,
     config_params: Any = None,
     dist_init_required: Optional[bool] = None,
+    timeout: Optional[float] = None,
 ):
     """Wrap ``model`` for ZeRO training; returns ``(engine, optimizer, dataloader, lr_scheduler)``.
 
@@ -70,7 +71,9 @@ def initialize(
     optimizer over the model's parameters, a callable building one from parameters, or None to
     use the config's ``optimizer`` section. ``lr_scheduler`` is a scheduler or a callable taking
     the optimizer. ``training_data`` (a torch Dataset) gets a distributed DataLoader with the
-    micro-batch size.
+    micro-batch size. ``timeout`` (seconds, or a ``timedelta``): the process group's timeout for
+    every collective when this call creates the group (default 1800 s, torch's), so a frozen
+    peer ends the job with an error instead of a long wait.
     """
     if config is None:
         config = config_params
@@ -78,7 +81,10 @@ def initialize(
         raise ValueError("initialize() needs config= (a JSON path, a dict or a ZeroConfig)")
     cfg = ZeroConfig.load(config)
     if dist_init_required is not False:
-        init_distributed()
+        if timeout is None:
+            init_distributed()
+        else:
+            init_distributed(timeout_s=timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout))
     comm = Collectives()
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     values = {"hidden_size": hidden} if hidden else {}

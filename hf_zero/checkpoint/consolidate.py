@@ -8,8 +8,14 @@ Note:
     * Peak memory is one output shard plus one tensor: tensors are assembled one at a time from
       the ranks' slices and flushed as soon as the shard is full; a tensor larger than
       ``max_shard_size`` gets a shard of its own.
-    * Tied weights are written once, under the name ``save_pretrained`` keeps, so
-      ``from_pretrained`` re-ties them.
+    * Tied weights of a ``PreTrainedModel`` are written once, under the name ``save_pretrained``
+      keeps, so ``from_pretrained`` re-ties them; any other module gets every name its own
+      ``state_dict()`` holds (``load_state_dict(strict=True)`` works).
+    * ``consolidate`` verifies the rank files' sizes and sha256 first, as ``load_checkpoint``.
+    * Weight files of an earlier export in the same directory that this one does not overwrite
+      (``model.safetensors``, ``model-*-of-*.safetensors``, the index) are removed; no other file
+      is touched. A failed write (disk full) names the file, directory and bytes, and removes
+      the temporary ``.part-*`` files.
     * Files are written under temporary names and renamed at the end; an interrupted export
       never leaves a half-written ``model.safetensors`` behind.
 """
@@ -17,6 +23,7 @@ Note:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -81,14 +88,29 @@ class HFShardWriter:
         if not self.current:
             return
         tmp = f".part-{len(self.shards):05d}.safetensors"
-        save_file(self.current, str(self.out_dir / tmp), metadata={"format": "pt"})
+        try:
+            save_file(self.current, str(self.out_dir / tmp), metadata={"format": "pt"})
+        except Exception as exc:  # noqa: BLE001 - safetensors reports I/O errors as its own type
+            (self.out_dir / tmp).unlink(missing_ok=True)
+            self.abort()
+            from .sharded import _as_os_error, _disk_error
+
+            err = exc if isinstance(exc, OSError) else _as_os_error(exc)
+            raise CheckpointError(_disk_error(err, self.out_dir / tmp, self.current_bytes)) from None
         self.shards.append((tmp, list(self.current)))
         self.current, self.current_bytes = {}, 0
+
+    def abort(self) -> None:
+        """Remove the temporary shards written so far (an export that failed)."""
+        for tmp, _ in self.shards:
+            (self.out_dir / tmp).unlink(missing_ok=True)
+        self.shards, self.current, self.current_bytes = [], {}, 0
 
     def close(self) -> List[str]:
         self._flush()
         n = len(self.shards)
         final_names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        remove_stale_weights(self.out_dir, keep=final_names)
         weight_map = {}
         for (tmp, names), final in zip(self.shards, final_names):
             os.replace(self.out_dir / tmp, self.out_dir / final)
@@ -100,6 +122,22 @@ class HFShardWriter:
         elif (self.out_dir / "model.safetensors.index.json").exists():
             (self.out_dir / "model.safetensors.index.json").unlink()
         return final_names
+
+
+_OUR_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+
+
+def remove_stale_weights(out_dir: Path, keep: Iterable[str]) -> List[str]:
+    """Delete the weight files of an earlier export in ``out_dir`` that this export does not
+    overwrite (``model.safetensors``, ``model-*-of-*.safetensors``, their index), so
+    ``from_pretrained`` cannot pick up stale weights. Only those names: other files stay."""
+    keep = set(keep)
+    removed = []
+    for path in Path(out_dir).iterdir():
+        if path.is_file() and path.name not in keep and _OUR_WEIGHTS.fullmatch(path.name):
+            path.unlink()
+            removed.append(path.name)
+    return sorted(removed)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -114,22 +152,28 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def _read_param(index: Index, reader, name: str) -> torch.Tensor:
     entry = index.params[name]
+    if math.prod(entry.shape) != entry.numel:
+        raise CheckpointError(
+            f"{index.directory / INDEX}: parameter {name!r} has shape {list(entry.shape)} "
+            f"({math.prod(entry.shape)} elements) but numel {entry.numel}; the index is corrupt"
+        )
     out = torch.empty(entry.numel, dtype=torch.float32)
     reader.read(entry.flat, "master" if entry.trainable else "param", entry.offset, entry.numel, out)
     return out.view(entry.shape)
 
 
 def consolidate(checkpoint_dir, out_dir, *, tag: Optional[str] = None, dtype=None, max_shard_size="5GB",
-                progress: bool = True) -> List[str]:
+                progress: bool = True, verify: bool = True) -> List[str]:
     """Write the HF safetensors of a sharded checkpoint into ``out_dir``; returns the file names.
 
-    ``dtype``: "bf16" | "fp16" | "fp32" (default: the dtype the model trained in).
+    ``dtype``: "bf16" | "fp16" | "fp32" (default: the dtype the model trained in). ``verify``:
+    check every rank file's size and sha256 against the index first, as ``load_checkpoint`` does.
     """
     from .sharded import _SliceReader, name_dtype
 
     directory = resolve_tag(Path(checkpoint_dir), tag)
     index = Index.read(directory)
-    index.check_files(verify_hash=False)
+    index.check_files(verify_hash=verify)
     out_dtype = parse_dtype(dtype) or name_dtype(index.data["compute_dtype"])
     out_dir = Path(out_dir)
     if out_dir.resolve() == directory.resolve():
@@ -138,13 +182,19 @@ def consolidate(checkpoint_dir, out_dir, *, tag: Optional[str] = None, dtype=Non
     total = sum(e.numel for e in index.params.values()) * torch.tensor([], dtype=out_dtype).element_size()
     bar = _progress(total, "consolidate", progress)
     writer = HFShardWriter(out_dir, max_shard_size, bar)
+    all_aliases = bool(index.data.get("export_all_aliases", False))
     try:
         for name in index.params:
             entry = index.params[name]
-            writer.add(entry.export_name, _read_param(index, reader, name).to(out_dtype))
+            value = _read_param(index, reader, name).to(out_dtype)
+            for k, export in enumerate(entry.aliases if all_aliases else (entry.export_name,)):
+                writer.add(export, value if k == 0 else value.clone())
         for name in index.data.get("buffers", []):
             writer.add(name, reader._file(0).get_tensor(f"buffer.{name}"))
         files = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -172,32 +222,50 @@ def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
 @torch.no_grad()
 def save_pretrained(engine, out_dir, *, dtype=None, max_shard_size="5GB", progress: bool = False) -> List[str]:
     """Collective: write the engine's current weights as HF safetensors from rank 0, gathering one
-    flat buffer at a time (peak memory: one unit in fp32 plus one output shard)."""
-    from .sharded import _export_names, _persistent_buffers
+    flat buffer at a time (peak memory: one unit in fp32 plus one output shard). A write that
+    fails on rank 0 (disk full) keeps it in the gathers, then raises on every rank."""
+    from .sharded import _agree, _export_names, _persistent_buffers, export_names_of
 
     out_dtype = parse_dtype(dtype) or engine.compute_dtype
     export = _export_names(engine.module)
-    writer = HFShardWriter(out_dir, max_shard_size) if engine.rank == 0 else None
+    error = ""
+    writer = None
+    if engine.rank == 0:
+        try:
+            writer = HFShardWriter(out_dir, max_shard_size)
+        except OSError as exc:
+            error = f"{out_dir}: {exc.strerror or exc}"
     engine.flush_pending_update()
     for u in engine.units:
         for f in u.flats:
-            full = engine.gather_fp32(f)
-            if writer is not None:
+            full = engine.gather_fp32(f)  # every rank takes part, even after a failed write
+            if writer is None or error:
+                continue
+            try:
                 for i, p in enumerate(f.params):
-                    name = export.get(id(p), (f.names[i],))[0]
-                    writer.add(name, f.param_view(full, i).to(out_dtype))
+                    name, aliases = export.get(id(p), (f.names[i], [f.names[i]]))
+                    value = f.param_view(full, i).to(out_dtype)
+                    for k, export_name in enumerate(export_names_of(engine.module, name, aliases)):
+                        writer.add(export_name, value if k == 0 else value.clone())
+            except (CheckpointError, OSError) as exc:
+                error = str(exc)
     files: List[str] = []
-    if writer is not None:
-        for name, b in _persistent_buffers(engine.module).items():
-            writer.add(name, b)
-        files = writer.close()
-        config = getattr(engine.module, "config", None)
-        if config is not None and hasattr(config, "save_pretrained"):
-            config.save_pretrained(str(out_dir))
-            _set_config_dtype(Path(out_dir) / "config.json", out_dtype)
-        gen = getattr(engine.module, "generation_config", None)
-        if gen is not None and hasattr(gen, "save_pretrained"):
-            gen.save_pretrained(str(out_dir))
+    if writer is not None and not error:
+        try:
+            for name, b in _persistent_buffers(engine.module).items():
+                writer.add(name, b)
+            files = writer.close()
+            config = getattr(engine.module, "config", None)
+            if config is not None and hasattr(config, "save_pretrained"):
+                config.save_pretrained(str(out_dir))
+                _set_config_dtype(Path(out_dir) / "config.json", out_dtype)
+            gen = getattr(engine.module, "generation_config", None)
+            if gen is not None and hasattr(gen, "save_pretrained"):
+                gen.save_pretrained(str(out_dir))
+        except (CheckpointError, OSError) as exc:
+            error = str(exc)
+    if error and writer is not None:
+        writer.abort()
     engine.comm.take_totals()
-    engine.comm.barrier()
+    _agree(engine, error, f"save_pretrained into {out_dir}")
     return files

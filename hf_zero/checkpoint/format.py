@@ -105,16 +105,48 @@ class Index:
                 f"{directory / INDEX}: format {data.get('format')!r} is not {FORMAT!r}; "
                 "this is not an hf_zero checkpoint of a version this code reads"
             )
-        self.world_size: int = data["world_size"]
-        self.stage: int = data["stage"]
-        self.flats: Dict[str, FlatEntry] = {k: FlatEntry(key=k, **v) for k, v in data["flats"].items()}
-        self.params: Dict[str, ParamEntry] = {}
-        for name, v in data["params"].items():
-            v = dict(v)
-            v["shape"] = tuple(v["shape"])
-            v["aliases"] = tuple(v["aliases"])
-            self.params[name] = ParamEntry(name=name, **v)
-        self.files: Dict[str, dict] = data["files"]
+        where = directory / INDEX
+        try:
+            self.world_size: int = int(data["world_size"])
+            self.stage: int = int(data["stage"])
+            self.flats: Dict[str, FlatEntry] = {k: FlatEntry(key=k, **v) for k, v in data["flats"].items()}
+            self.params: Dict[str, ParamEntry] = {}
+            for name, v in data["params"].items():
+                v = dict(v)
+                v["shape"] = tuple(v["shape"])
+                v["aliases"] = tuple(v["aliases"])
+                self.params[name] = ParamEntry(name=name, **v)
+            self.files: Dict[str, dict] = dict(data["files"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{where}: corrupt index (a field is missing or malformed: "
+                                  f"{type(exc).__name__}: {exc})") from None
+        self._check_layout(where)
+
+    def _check_layout(self, where: Path) -> None:
+        """The index must describe a consistent layout: its rank files are those of its world
+        size, every flat splits into whole shards, every parameter lies inside its flat."""
+        expected = {rank_file(r, self.world_size) for r in range(self.world_size)}
+        if self.world_size < 1 or not set(self.files) <= expected or rank_file(0, self.world_size) not in self.files:
+            raise CheckpointError(
+                f"{where}: corrupt index: world_size {self.world_size} does not match its file list "
+                f"{sorted(self.files)} (expected names like {rank_file(0, max(1, self.world_size))})"
+            )
+        for f in self.flats.values():
+            if f.shard_world < 1 or f.shard_numel * f.shard_world != f.padded_numel or f.shard_world > self.world_size:
+                raise CheckpointError(
+                    f"{where}: corrupt index: flat {f.key!r} has padded_numel {f.padded_numel} != "
+                    f"shard_numel {f.shard_numel} x shard_world {f.shard_world} (world size {self.world_size})"
+                )
+        for p in self.params.values():
+            flat = self.flats.get(p.flat)
+            if flat is None:
+                raise CheckpointError(f"{where}: corrupt index: parameter {p.name!r} is in flat {p.flat!r}, "
+                                      "which the index does not describe")
+            if p.offset < 0 or p.numel < 0 or p.offset + p.numel > flat.padded_numel:
+                raise CheckpointError(
+                    f"{where}: corrupt index: parameter {p.name!r} spans elements [{p.offset}, "
+                    f"{p.offset + p.numel}) of flat {p.flat!r}, which has {flat.padded_numel}"
+                )
 
     @classmethod
     def read(cls, directory: Path) -> "Index":
@@ -128,9 +160,11 @@ class Index:
                 "'.partial-*' directory without one, which is never loaded"
             )
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path}: corrupt index ({exc})") from None
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: corrupt index, not JSON text ({exc})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: corrupt index: a JSON {type(data).__name__} where an object is expected")
         return cls(data, directory)
 
     def owner(self, flat: FlatEntry, element: int) -> Tuple[int, int]:
@@ -163,7 +197,16 @@ def resolve_tag(load_dir: Path, tag: Optional[str]) -> Path:
         return load_dir
     latest = load_dir / LATEST
     if latest.is_file():
-        return load_dir / latest.read_text().strip()
+        try:
+            tag = latest.read_bytes().decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{latest}: not a tag (binary content); write the tag of a checkpoint into it") from None
+        if not tag or "/" in tag or "\\" in tag or tag in (".", "..") or tag.startswith("."):
+            raise CheckpointError(
+                f"{latest}: points to {tag!r}, which is not a checkpoint directory inside {load_dir}; "
+                "the pointer must hold a plain tag name (refusing to follow it)"
+            )
+        return load_dir / tag
     if not load_dir.exists():
         raise CheckpointError(f"{load_dir}: no such directory")
     raise CheckpointError(f"{load_dir}: neither a checkpoint ({INDEX}) nor a directory of them ({LATEST} pointer)")

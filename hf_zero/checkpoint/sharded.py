@@ -18,6 +18,7 @@ Note:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -81,6 +82,19 @@ def _from_json(obj):
     if isinstance(obj, list):
         return [_from_json(v) for v in obj]
     return obj
+
+
+def _is_hf_model(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a transformers ``PreTrainedModel`` (which re-ties weights on load),
+    checked without importing transformers."""
+    return any(c.__name__ == "PreTrainedModel" for c in type(module).__mro__)
+
+
+def export_names_of(module: torch.nn.Module, name: str, aliases) -> List[str]:
+    """The names a parameter is exported under: HF models write a tied weight once (under the
+    name ``save_pretrained`` keeps); any other module writes every name its ``state_dict()``
+    holds, so ``load_state_dict(strict=True)`` accepts the export."""
+    return [name] if _is_hf_model(module) else list(aliases)
 
 
 def _export_names(module: torch.nn.Module) -> Dict[int, Tuple[str, List[str]]]:
@@ -194,90 +208,176 @@ def _gather_objects(engine, obj) -> List[Any]:
     return out
 
 
+def _agree(engine, error: str, what: str) -> None:
+    """Collective: every rank learns every rank's error of step ``what``; raise on all ranks if
+    any rank failed (so no rank returns while another waits in a collective)."""
+    errors = _gather_objects(engine, error)
+    bad = [(r, e) for r, e in enumerate(errors) if e]
+    if bad:
+        detail = "; ".join(f"rank {r}: {e}" for r, e in bad)
+        raise CheckpointError(f"{what} failed on rank(s) {[r for r, _ in bad]}: {detail}")
+
+
+def _agree_tag(engine, tag: str) -> None:
+    tags = _gather_objects(engine, tag)
+    if len(set(tags)) > 1:
+        by_rank = ", ".join(f"rank {r}: {t!r}" for r, t in enumerate(tags))
+        raise CheckpointError(
+            f"save_checkpoint was called with different tags on different ranks ({by_rank}); every "
+            "rank must pass the same tag (derive it from the step count, or pass tag=None)"
+        )
+
+
+def _disk_error(exc: OSError, path: Path, nbytes: int) -> str:
+    """An OSError of a write, with the file, its directory and (disk full) the bytes needed."""
+    msg = f"{path}: {exc.strerror or exc}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = shutil.disk_usage(path.parent).free
+            msg += f" (writing {nbytes} bytes into {path.parent}, {free} bytes free there)"
+        except OSError:
+            msg += f" (writing {nbytes} bytes into {path.parent})"
+        msg += "; free space or save elsewhere"
+    return msg
+
+
 def save_checkpoint(engine, save_dir, tag: Optional[str] = None, client_state: Optional[dict] = None,
                     save_latest: bool = True) -> Path:
-    """Collective: write this engine's state as ``<save_dir>/<tag>`` and point ``latest`` at it."""
+    """Collective: write this engine's state as ``<save_dir>/<tag>`` and point ``latest`` at it.
+
+    Ranks agree on the tag first and on the outcome of every write before anything is published:
+    a write that fails on any rank (disk full, permissions) raises a :class:`CheckpointError`
+    naming that rank and file on every rank, removes the partial directory and leaves the
+    previous checkpoint and ``latest`` as they were.
+    """
     save_dir = Path(save_dir)
     tag = tag or f"global_step{engine.global_steps}"
-    if "/" in tag or tag.startswith("."):
-        raise CheckpointError(f"checkpoint tag {tag!r} must be a plain directory name")
+    _agree_tag(engine, tag)
+    if "/" in tag or tag.startswith(".") or tag == LATEST:
+        raise CheckpointError(f"checkpoint tag {tag!r} must be a plain directory name (not {LATEST!r})")
     client_json = _json_safe(client_state or {})  # fail before writing anything
     final = save_dir / tag
     partial = save_dir / f".partial-{tag}"
+    error = ""
     if engine.rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        if partial.exists():
-            shutil.rmtree(partial)  # left by an earlier crash
-        partial.mkdir()
-    engine.comm.barrier()
+        try:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            if partial.exists():
+                shutil.rmtree(partial)  # left by an earlier crash
+            partial.mkdir()
+        except OSError as exc:
+            error = _disk_error(exc, partial, 0)
+    _agree(engine, error, f"creating {partial}")
 
-    # 1. every rank writes its own file
-    engine.flush_pending_update()
-    tensors, scalars = _rank_tensors(engine)
-    if engine.rank == 0:
-        for name, b in _persistent_buffers(engine.module).items():
-            tensors[f"buffer.{name}"] = b
-    fname = rank_file(engine.rank, engine.world_size)
-    _write_rank_file(partial / fname, tensors)
-    meta = {"file": fname, "size": (partial / fname).stat().st_size, "sha256": sha256_of(partial / fname),
-            "rng": _python_rng(), "scalar_states": scalars}
-    metas = _gather_objects(engine, meta)
+    try:
+        # 1. every rank writes its own file; whatever fails locally becomes an agreed error
+        meta, error, fname = None, "", rank_file(engine.rank, engine.world_size)
+        nbytes = 0
+        try:
+            engine.flush_pending_update()
+            tensors, scalars = _rank_tensors(engine)
+            if engine.rank == 0:
+                for name, b in _persistent_buffers(engine.module).items():
+                    tensors[f"buffer.{name}"] = b
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            _write_rank_file(partial / fname, tensors)
+            del tensors
+            meta = {"file": fname, "size": (partial / fname).stat().st_size,
+                    "sha256": sha256_of(partial / fname), "rng": _python_rng(), "scalar_states": scalars}
+        except OSError as exc:
+            error = _disk_error(exc, partial / fname, nbytes)
+        except CheckpointError as exc:
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for I/O
+            error = _disk_error(_as_os_error(exc), partial / fname, nbytes)
+        _agree(engine, error, f"saving checkpoint {final}")
+        metas = _gather_objects(engine, meta)
 
-    # 2. rank 0 writes the index, then publishes the directory
-    if engine.rank == 0:
-        flats, params = _layout(engine)
-        sched = engine.lr_scheduler
-        index = {
-            "format": FORMAT,
-            "stage": engine.stage,
-            "world_size": engine.world_size,
-            "global_steps": engine.global_steps,
-            "micro_steps": engine.micro_steps,
-            "skipped_steps": engine.skipped_steps,
-            "compute_dtype": dtype_name(engine.compute_dtype),
-            "flats": flats,
-            "params": params,
-            "buffers": sorted(_persistent_buffers(engine.module)),
-            "files": {m["file"]: {"size": m["size"], "sha256": m["sha256"]} for m in metas},
-            "rng": [m["rng"] for m in metas],
-            "optimizer": {
-                "class": type(engine.optimizer).__name__,
-                "param_groups": [_json_safe({k: v for k, v in g.items() if k != "params"})
-                                 for g in engine.optimizer.param_groups],
-                # a rank may hold no piece of some group: merge what every rank saw
-                "scalar_states": [
-                    {k: v for m in metas for k, v in m["scalar_states"][g].items()}
-                    for g in range(len(engine.optimizer.param_groups))
-                ],
-            },
-            "lr_scheduler": _json_safe(sched.state_dict()) if sched is not None and hasattr(sched, "state_dict") else None,
-            "loss_scaler": engine.loss_scaler.state_dict(),
-            # the data position: one micro-batch per micro-step (see ResumableDataLoader)
-            "dataloader": ({"micro_steps": engine.micro_steps, **engine.training_dataloader.state_dict()}
-                           if engine.training_dataloader is not None else None),
-            "client_state": client_json,
-            "zero_config": engine.config.to_dict(),
-        }
-        config = getattr(engine.module, "config", None)
-        if config is not None and hasattr(config, "to_json_file"):
-            config.to_json_file(str(partial / "config.json"))
-        write_json_atomic(partial / INDEX, index)
-        fsync_path(partial)
-        old = save_dir / f".old-{tag}"
-        if final.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(final, old)
-        os.rename(partial, final)
+        # 2. rank 0 writes the index, then publishes the directory
+        error = ""
+        if engine.rank == 0:
+            try:
+                _publish(engine, save_dir, tag, partial, final, metas, client_json, save_latest)
+            except OSError as exc:
+                error = _disk_error(exc, Path(exc.filename) if exc.filename else partial / INDEX, 0)
+        _agree(engine, error, f"publishing checkpoint {final}")
+    except CheckpointError:  # agreed by every rank: clean up together
+        if engine.rank == 0 and partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
+        engine.comm.barrier()
+        raise
+    return final
+
+
+def _as_os_error(exc: Exception) -> OSError:
+    """safetensors reports I/O failures as its own exception type; recover the errno."""
+    text = str(exc)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EIO):
+        if os.strerror(code) in text:
+            return OSError(code, os.strerror(code))
+    return OSError(None, f"{type(exc).__name__}: {text}")
+
+
+def _publish(engine, save_dir: Path, tag: str, partial: Path, final: Path, metas: list, client_json,
+             save_latest: bool) -> None:
+    """Rank 0: write the index into ``partial``, rename it to ``final``, move ``latest``."""
+    flats, params = _layout(engine)
+    sched = engine.lr_scheduler
+    index = {
+        "format": FORMAT,
+        "stage": engine.stage,
+        "world_size": engine.world_size,
+        "global_steps": engine.global_steps,
+        "micro_steps": engine.micro_steps,
+        "skipped_steps": engine.skipped_steps,
+        "compute_dtype": dtype_name(engine.compute_dtype),
+        "export_all_aliases": not _is_hf_model(engine.module),
+        "flats": flats,
+        "params": params,
+        "buffers": sorted(_persistent_buffers(engine.module)),
+        "files": {m["file"]: {"size": m["size"], "sha256": m["sha256"]} for m in metas},
+        "rng": [m["rng"] for m in metas],
+        "optimizer": {
+            "class": type(engine.optimizer).__name__,
+            "param_groups": [_json_safe({k: v for k, v in g.items() if k != "params"})
+                             for g in engine.optimizer.param_groups],
+            # a rank may hold no piece of some group: merge what every rank saw
+            "scalar_states": [
+                {k: v for m in metas for k, v in m["scalar_states"][g].items()}
+                for g in range(len(engine.optimizer.param_groups))
+            ],
+        },
+        "lr_scheduler": _json_safe(sched.state_dict()) if sched is not None and hasattr(sched, "state_dict") else None,
+        "loss_scaler": engine.loss_scaler.state_dict(),
+        # the data position: one micro-batch per micro-step (see ResumableDataLoader)
+        "dataloader": ({"micro_steps": engine.micro_steps, **engine.training_dataloader.state_dict()}
+                       if engine.training_dataloader is not None else None),
+        "client_state": client_json,
+        "zero_config": engine.config.to_dict(),
+    }
+    config = getattr(engine.module, "config", None)
+    if config is not None and hasattr(config, "to_json_file"):
+        config.to_json_file(str(partial / "config.json"))
+    write_json_atomic(partial / INDEX, index)
+    fsync_path(partial)
+    old = save_dir / f".old-{tag}"
+    if final.exists():
         if old.exists():
             shutil.rmtree(old)
+        os.rename(final, old)
+    os.rename(partial, final)
+    if old.exists():
+        shutil.rmtree(old)
+    fsync_path(save_dir)
+    if save_latest:
+        tmp = save_dir / f".{LATEST}.tmp"
+        try:
+            tmp.write_text(tag)
+            os.replace(tmp, save_dir / LATEST)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         fsync_path(save_dir)
-        if save_latest:
-            (save_dir / f".{LATEST}.tmp").write_text(tag)
-            os.replace(save_dir / f".{LATEST}.tmp", save_dir / LATEST)
-            fsync_path(save_dir)
-    engine.comm.barrier()
-    return final
 
 
 def _write_rank_file(path: Path, tensors: Dict[str, torch.Tensor]) -> None:

@@ -34,17 +34,35 @@ _all_gather_single = _resolve("all_gather_single", "all_gather_into_tensor")
 _reduce_scatter_single = _resolve("reduce_scatter_single", "reduce_scatter_tensor")
 
 
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete within the process group's timeout (a peer frozen or gone)."""
+
+
+def _timed_out(exc: RuntimeError, what: str) -> RuntimeError:
+    if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return CollectiveTimeout(
+            f"rank {rank}: {what} did not complete within the process group timeout: another rank is "
+            f"frozen, dead or not calling it (set the timeout with initialize(timeout=...)); gloo says: {exc}"
+        )
+    return exc
+
+
 class Handle:
     """A possibly asynchronous collective; ``wait()`` is idempotent."""
 
-    __slots__ = ("_work",)
+    __slots__ = ("_work", "_what")
 
-    def __init__(self, work=None):
+    def __init__(self, work=None, what: str = "collective"):
         self._work = work
+        self._what = what
 
     def wait(self) -> None:
         if self._work is not None:
-            self._work.wait()
+            try:
+                self._work.wait()
+            except RuntimeError as exc:
+                raise _timed_out(exc, self._what) from exc
             self._work = None
 
     @property
@@ -113,7 +131,10 @@ class Collectives:
             return Handle()
         n = self.world_size
         self._count("all_gather", (n - 1) * shard.numel() * shard.element_size())
-        return Handle(_all_gather_single(output, shard, group=self.group, async_op=async_op))
+        try:
+            return Handle(_all_gather_single(output, shard, group=self.group, async_op=async_op), "all_gather")
+        except RuntimeError as exc:
+            raise _timed_out(exc, "all_gather") from exc
 
     def reduce_scatter(self, shard_out: torch.Tensor, full: torch.Tensor, async_op: bool = False) -> Handle:
         """Sum ``full`` over ranks and keep this rank's contiguous slice in ``shard_out``."""
@@ -124,7 +145,10 @@ class Collectives:
             return Handle()
         n = self.world_size
         self._count("reduce_scatter", (n - 1) * shard_out.numel() * shard_out.element_size())
-        return Handle(_reduce_scatter_single(shard_out, full, group=self.group, async_op=async_op))
+        try:
+            return Handle(_reduce_scatter_single(shard_out, full, group=self.group, async_op=async_op), "reduce_scatter")
+        except RuntimeError as exc:
+            raise _timed_out(exc, "reduce_scatter") from exc
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", control: bool = False) -> None:
         """In-place all-reduce with ``op`` in {"sum", "max"}."""
@@ -134,7 +158,10 @@ class Collectives:
         nbytes = 2 * (n - 1) / n * tensor.numel() * tensor.element_size()
         self._count("control" if control else "all_reduce", nbytes)
         reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
-        dist.all_reduce(tensor, op=reduce_op, group=self.group)
+        try:
+            dist.all_reduce(tensor, op=reduce_op, group=self.group)
+        except RuntimeError as exc:
+            raise _timed_out(exc, f"all_reduce ({op})") from exc
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         if self.world_size == 1:
@@ -145,4 +172,7 @@ class Collectives:
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            dist.barrier(group=self.group)
+            try:
+                dist.barrier(group=self.group)
+            except RuntimeError as exc:
+                raise _timed_out(exc, "barrier") from exc

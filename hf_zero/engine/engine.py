@@ -10,7 +10,9 @@ Note:
       steps and multiplies it by the loss scale; ``step`` applies the update only at the
       accumulation boundary and zeroes the gradients after it.
     * All ranks take the same decisions at the same time: the overflow flag and the grad norm
-      are all-reduced before anyone looks at them, so a skipped fp16 step is skipped everywhere.
+      are all-reduced before anyone looks at them, so a skipped step is skipped everywhere. A
+      step with inf/NaN gradients is skipped in every precision (``hf_zero.skip_non_finite_steps``,
+      see :class:`hf_zero.engine.precision.SkipPolicy`).
     * Memory accounting (:meth:`memory_report`) counts persistent per-rank tensors only: the
       parameter storage a rank keeps between steps, its gradient accumulators, its fp32 master
       copy (zero when the master aliases fp32 parameters) and its optimizer states.
@@ -18,6 +20,7 @@ Note:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -40,11 +43,12 @@ from .optim import (
     param_group_index,
     repoint_optimizer,
 )
-from .precision import LossScaler, local_overflow
+from .precision import LossScaler, SkipPolicy, local_overflow
 from .stages import StageRuntime, Unit
 from .teardown import install_exit_teardown
 from .units import build_units, find_layer_modules
 
+_LOG = logging.getLogger("hf_zero")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -116,6 +120,9 @@ class ZeroEngine:
             consecutive_hysteresis=fp16.consecutive_hysteresis,
             min_scale=fp16.min_loss_scale,
         )
+        hz = config.hf_zero
+        self.skip_policy = SkipPolicy(hz.max_consecutive_skipped_steps, self.rank, _LOG) if hz.skip_non_finite_steps else None
+        self._fp16_policy = self.skip_policy or SkipPolicy(hz.max_consecutive_skipped_steps, self.rank, _LOG)
         accum = _DTYPES.get(config.grad_accum_dtype) if config.grad_accum_dtype else None
         comm_dtype = _DTYPES.get(config.communication_data_type) if config.communication_data_type else None
         predivide = float(config.gradient_predivide_factor) if config.prescale_gradients else 1.0
@@ -404,14 +411,15 @@ class ZeroEngine:
             overflow = local_overflow(grads).to(self.device)
             self.comm.all_reduce(overflow, op="max", control=True)
             if bool(overflow.item()):
-                self.loss_scaler.update(True)
-                self.skipped_steps += 1
-                self._last_grad_norm = torch.tensor(float("inf"))
-                self._finish_step()
+                self._skip_step("gradient overflow (inf/NaN) in fp16")
                 return
         norm_sq = global_grad_norm_sq(grads).to(self.device)
         if self.stage >= 1:
             self.comm.all_reduce(norm_sq, op="sum", control=True)
+        if self.skip_policy is not None and not bool(torch.isfinite(norm_sq).item()):
+            self._skip_step(f"non-finite gradients (global norm {float(norm_sq.sqrt() * inv_scale)})")
+            return
+        self._fp16_policy.on_finite()
         total_norm = norm_sq.sqrt() * inv_scale
         self._last_grad_norm = total_norm
         coef = torch.tensor(inv_scale, device=self.device)
@@ -427,6 +435,17 @@ class ZeroEngine:
             self.lr_scheduler.step()
         self.loss_scaler.update(False)
         self._finish_step()
+
+    def _skip_step(self, what: str) -> None:
+        """Every rank: drop this step's gradients, change no weight (see SkipPolicy)."""
+        policy = self.skip_policy or self._fp16_policy
+        self.skipped_steps += 1
+        self._last_grad_norm = torch.tensor(float("inf"))
+        try:
+            policy.on_skip(self.loss_scaler, self.global_steps + 1, what)
+        finally:
+            self.loss_scaler.update(True)
+            self._finish_step()
 
     def _device_update(self, grads: List[torch.Tensor], coef: torch.Tensor) -> None:
         """No offload: step the fp32 master shards where they are."""
@@ -466,7 +485,7 @@ class ZeroEngine:
         global decision (clipping, fp16 overflow) has to wait for all gradients, and stages 2-3
         (which reduce during backward)."""
         return (self.host is not None and not self.offload.delayed_update and self.stage >= 2
-                and self.gradient_clipping == 0 and not self.config.fp16.enabled)
+                and self.gradient_clipping == 0 and not self.config.fp16.enabled and self.skip_policy is None)
 
     def _flat_indices(self, unit) -> List[int]:
         index = {id(f): i for i, f in enumerate(self._trainable_flats)}

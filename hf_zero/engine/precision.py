@@ -80,3 +80,52 @@ def local_overflow(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     if not flags:
         return torch.zeros(())
     return torch.stack(flags).any().float()
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped: steps kept being skipped for non-finite gradients."""
+
+
+class SkipPolicy:
+    """What happens to an optimizer step whose gradients hold inf/NaN, in every precision.
+
+    Note:
+        * The decision is global: it is taken from a value every rank holds identically (the
+          all-reduced overflow flag in fp16, the all-reduced squared gradient norm otherwise:
+          a non-finite element makes the sum non-finite), so all ranks skip together and all
+          raise together.
+        * A skipped step changes no weight, optimizer state or LR schedule; the step counter
+          and ``skipped_steps`` advance, and rank 0 logs it.
+        * Stopping: dynamic fp16 raises, as DeepSpeed's ``DynamicLossScaler`` does, at an
+          overflow while the scale is already ``min_loss_scale`` and no hysteresis is left.
+          Otherwise (fp32, bf16, static fp16) after ``max_consecutive`` skips in a row (0: never).
+    """
+
+    def __init__(self, max_consecutive: int, rank: int, logger=None):
+        self.max_consecutive = int(max_consecutive)
+        self.rank = rank
+        self.consecutive = 0
+        self._log = logger
+
+    def on_finite(self) -> None:
+        self.consecutive = 0
+
+    def on_skip(self, scaler: LossScaler, step: int, what: str) -> None:
+        """Record a skipped step (call before ``scaler.update(True)``); raise when it must stop."""
+        self.consecutive += 1
+        at_min = scaler.dynamic and scaler.scale <= scaler.min_scale and scaler.hysteresis_left <= 1
+        if self.rank == 0 and self._log is not None:
+            self._log.warning("hf_zero: step %d skipped: %s (loss scale %g; %d skipped in a row)",
+                              step, what, scaler.scale, self.consecutive)
+        if at_min:
+            raise NonFiniteError(
+                f"step {step}: {what} with the loss scale already at its minimum "
+                f"(fp16.min_loss_scale={scaler.min_scale:g}); it cannot be lowered further, so training "
+                "stops (as DeepSpeed does). Check the data and learning rate, or train in bf16"
+            )
+        if not scaler.dynamic and self.max_consecutive and self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(
+                f"step {step}: {what}; {self.consecutive} optimizer steps in a row were skipped "
+                f"(hf_zero.max_consecutive_skipped_steps={self.max_consecutive}), so training stops. "
+                "The weights are those before the first skipped step; check the data and learning rate"
+            )
