@@ -2,9 +2,14 @@
 
 The engine and the config load eagerly; the Accelerate / Trainer integrations and the
 checkpoint tools load on first use, so ``import hf_zero`` stays light.
+
+``hf_zero.enable()`` (or ``python -m hf_zero.run SCRIPT``) runs stock Trainer / Accelerator code
+on hf_zero; with ``HF_ZERO_CONFIG`` set, importing hf_zero does the same, so that variable is
+never silently ignored by a script that loads hf_zero.
 """
 
 import importlib
+import os
 
 from .config import ConfigError, ZeroConfig
 from .engine import Collectives, OptimizerNotSupported, ZeroEngine
@@ -21,7 +26,14 @@ _LAZY = {
     "ZeroCallback": "hf_zero.integrations.trainer",
     "consolidate": "hf_zero.checkpoint.consolidate",
     "from_pretrained": "hf_zero.loading",
+    "enable": "hf_zero.integrations.bootstrap",
 }
+
+
+if os.environ.get("HF_ZERO_CONFIG"):
+    from .integrations.bootstrap import enable as _enable
+
+    _enable()
 
 
 def __getattr__(name):

@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import sys
 from typing import Any, Dict, List, Optional, Set
 
 import torch
@@ -144,6 +145,8 @@ class ZeroAccelerator(Accelerator):
         self._zero_micro_batch: Optional[int] = None
         self._zero_clip: Optional[float] = None
         self._zero_norms: List[torch.Tensor] = []
+        if self.is_main_process:
+            print(active_line(self.zero_plugin.config, self.num_processes), file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------------------ config
     def resolve_zero_config(self, model: Optional[torch.nn.Module] = None) -> ZeroConfig:
@@ -164,7 +167,7 @@ class ZeroAccelerator(Accelerator):
         offer("gradient_accumulation_steps", gas, self._zero_explicit_gas,
               f"Accelerator(gradient_accumulation_steps={gas})")
         offer("train_micro_batch_size_per_gpu", self._zero_micro_batch, True,
-              f"the prepared DataLoader's batch_size={self._zero_micro_batch}")
+              f"the prepared (smallest) DataLoader batch_size={self._zero_micro_batch}")
         mp = str(self.mixed_precision)
         mp_explicit = self._zero_explicit_mp or mp != "no"
         if "fp16.enabled" not in values and "bf16.enabled" not in values:
@@ -177,9 +180,13 @@ class ZeroAccelerator(Accelerator):
 
     # ------------------------------------------------------------------------------ prepare
     def prepare(self, *args, device_placement=None):
-        for obj in args:
-            if isinstance(obj, torch.utils.data.DataLoader) and obj.batch_size is not None:
-                self._zero_micro_batch = int(obj.batch_size)
+        # The micro-batch is the smallest batch size among the DataLoaders of this call (the train
+        # loader, when an eval loader of a larger batch is prepared with it), as accelerate's
+        # DeepSpeed path does; never simply the last loader's.
+        sizes = [int(obj.batch_size) for obj in args
+                 if isinstance(obj, torch.utils.data.DataLoader) and obj.batch_size is not None]
+        if sizes and self.zero_engine is None:
+            self._zero_micro_batch = min(sizes)
         result = super().prepare(*args, device_placement=device_placement)
         self._zero_build_if_ready()
         return result
@@ -384,6 +391,13 @@ class ZeroAccelerator(Accelerator):
 
     def clear(self, *objects):
         return self.free_memory(*objects)
+
+
+def active_line(config: ZeroConfig, world_size: int) -> str:
+    """The one start-up line rank 0 prints when hf_zero takes over a run."""
+    z = config.zero_optimization
+    return (f"hf_zero active: ZeRO stage {z.stage}, offload optimizer={z.offload_optimizer.device} "
+            f"param={z.offload_param.device}, world size {world_size}, config {config.source}")
 
 
 #: Keys that, when absent from the user's config, are filled from the caller as if "auto".

@@ -51,9 +51,25 @@ class ZeroTrainingArguments(TrainingArguments):
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["zero_config"]
 
     def __post_init__(self):
-        if self.deepspeed is not None:
-            raise ValueError("ZeroTrainingArguments: give zero_config, not deepspeed (hf_zero replaces DeepSpeed)")
+        adopt_deepspeed_argument(self)
         super().__post_init__()
+
+
+def adopt_deepspeed_argument(args) -> None:
+    """Move a ``deepspeed`` argument (path, JSON string or dict: the DeepSpeed-format config hf_zero
+    reads) into ``args.zero_config`` and clear ``args.deepspeed``, before Transformers would import
+    the deepspeed package for it. Both set to different values is an error naming both."""
+    ds = getattr(args, "deepspeed", None)
+    if not ds:
+        return
+    current = getattr(args, "zero_config", None)
+    if current is not None and current != ds:
+        raise ValueError(
+            f"both zero_config={current!r} and deepspeed={ds!r} are given: hf_zero reads one ZeRO config; "
+            "keep one of them"
+        )
+    args.zero_config = ds
+    args.deepspeed = None
 
 
 def trainer_values(args: TrainingArguments, world_size: int, num_training_steps: Optional[int] = None):
@@ -93,14 +109,36 @@ def trainer_values(args: TrainingArguments, world_size: int, num_training_steps:
 
 
 class ZeroCallback(TrainerCallback):
-    """Logs, at every logging step: per-rank model-state memory (MB, from ``memory_report``), the
-    fp16 loss scale, skipped steps and the engine's global grad norm. The per-rank numbers are
-    gathered in ``on_step_end`` (all ranks run it together) and added to the next ``log`` call.
+    """Turns hf_zero on for the Trainer it is given to, and logs, at every logging step: per-rank
+    model-state memory (MB, from ``memory_report``), the fp16 loss scale, skipped steps and the
+    engine's global grad norm. The per-rank numbers are gathered in ``on_step_end`` (all ranks run
+    it together) and added to the next ``log`` call.
+
+    ``Trainer(..., callbacks=[ZeroCallback("zero.json")])`` on a stock Trainer runs it on hf_zero
+    with that config (``None``: the Trainer's ``deepspeed`` argument or ``HF_ZERO_CONFIG``):
+    creating the callback installs the Trainer hook of :mod:`hf_zero.integrations.bootstrap`. A
+    callback that ends up on a Trainer without hf_zero (``add_callback`` after construction) fails
+    at ``on_train_begin`` instead of doing nothing.
     """
 
-    def __init__(self, accelerator: Optional[ZeroAccelerator] = None):
+    def __init__(self, config: Any = None, *, accelerator: Optional[ZeroAccelerator] = None):
+        if isinstance(config, ZeroAccelerator):  # the earlier positional form ZeroCallback(accelerator)
+            config, accelerator = None, config
+        self.config = config
         self.accelerator = accelerator
         self._pending: Dict[str, float] = {}
+        from .bootstrap import install_trainer_hook
+
+        install_trainer_hook()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.accelerator is None:
+            raise RuntimeError(
+                "ZeroCallback is on a Trainer that does not run hf_zero (it was added after the Trainer was built). "
+                "Give it when building the Trainer: Trainer(..., callbacks=[hf_zero.ZeroCallback('zero.json')]), "
+                "or launch with `python -m hf_zero.run train.py --deepspeed zero.json`"
+            )
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_log:
@@ -146,9 +184,17 @@ class ZeroTrainerMixin:
     """Mix into any ``transformers.Trainer`` subclass, first in the bases:
     ``class MySFT(hf_zero.ZeroTrainerMixin, trl.SFTTrainer)``. The arguments must be
     :class:`ZeroTrainingArguments` (or any TrainingArguments with a ``zero_config`` attribute;
-    without one the path comes from ``HF_ZERO_CONFIG``)."""
+    without one the path comes from ``HF_ZERO_CONFIG``). A :class:`ZeroCallback` in ``callbacks``
+    may carry the config instead."""
 
     def __init__(self, *args, **kwargs):
+        from .bootstrap import _bound
+
+        callbacks = _bound(type(self).__init__, args, kwargs).get("callbacks") or ()
+        mine = [cb for cb in callbacks if isinstance(cb, ZeroCallback)]
+        if len(mine) > 1:
+            raise ValueError(f"give at most one ZeroCallback to a Trainer, got {len(mine)}")
+        self._zero_user_callback = mine[0] if mine else None
         super().__init__(*args, **kwargs)
         cb = getattr(self, "_zero_callback", None)
         if cb is not None and cb not in self.callback_handler.callbacks:
@@ -165,8 +211,18 @@ class ZeroTrainerMixin:
             raise ValueError("ZeroTrainer replaces DeepSpeed / FSDP: remove the deepspeed / fsdp arguments")
         # The Trainer's own method builds its accelerator arguments (and a plain Accelerator that
         # shares the same process state); rebuild it as a ZeroAccelerator with the same arguments.
-        super().create_accelerator_and_postprocess()
-        plugin = ZeroPlugin(getattr(self.args, "zero_config", None))
+        from .bootstrap import plain_accelerators
+
+        with plain_accelerators():
+            super().create_accelerator_and_postprocess()
+        config = getattr(self.args, "zero_config", None)
+        user_cb = getattr(self, "_zero_user_callback", None)
+        if user_cb is not None and user_cb.config is not None:
+            if config is not None and config != user_cb.config:
+                raise ValueError(f"the ZeroCallback's config {user_cb.config!r} and the arguments' zero_config / "
+                                 f"deepspeed {config!r} differ: give the ZeRO config once")
+            config = user_cb.config
+        plugin = ZeroPlugin(config)
         accel_args = dict(self._zero_accelerator_args)
         accel_args.pop("deepspeed_plugin", None)
         self.accelerator = ZeroAccelerator(zero_plugin=plugin, **accel_args)
@@ -185,7 +241,8 @@ class ZeroTrainerMixin:
         self.zero_config_resolved = resolved
         # The engine gets the Trainer's (or the config-built) optimizer and scheduler as client objects.
         plugin.config = dataclasses.replace(resolved, optimizer=None, scheduler=None)
-        self._zero_callback = ZeroCallback(self.accelerator)
+        self._zero_callback = user_cb if user_cb is not None else ZeroCallback(accelerator=self.accelerator)
+        self._zero_callback.accelerator = self.accelerator
         if hasattr(self, "callback_handler"):
             self.add_callback(self._zero_callback)
 
