@@ -102,6 +102,7 @@ class ZeroEngine:
         self._last_grad_norm: Optional[torch.Tensor] = None
         self._last_comm = CommTotals()
 
+        self._diverged_at_start: List[str] = []  # names of params whose values differed from rank 0's
         self.module = self._place(model, device)
         self._sync_buffers()
         self.optimizer = self._make_optimizer(optimizer, model_parameters)
@@ -139,6 +140,7 @@ class ZeroEngine:
         if self.offload.enabled:
             self.host = self._make_host_step()
             self.runtime.on_unit_reduced = self._on_unit_reduced
+        self._report_start_divergence()
         self.comm.take_totals()  # the start-up broadcast is not part of any step
 
     # ------------------------------------------------------------------------------ set-up
@@ -181,7 +183,31 @@ class ZeroEngine:
         if self.rank == 0:
             torch.cat([p.detach().reshape(-1).float() for p in params], out=buf)
         self.comm.broadcast(buf)
+        if self.rank != 0 and params and not any(p.is_meta or p.dim() and p.stride() == (0,) * p.dim() for p in params):
+            local = torch.cat([p.detach().reshape(-1).float() for p in params])
+            if not torch.equal(local, buf):
+                self._diverged_at_start.append(self._param_label(params[0]))
         return buf
+
+    def _param_label(self, param: nn.Parameter) -> str:
+        for name, p in self.module.named_parameters():
+            if p is param:
+                return name
+        return "?"
+
+    def _report_start_divergence(self) -> None:
+        """Ranks that built different weights (say, another seed) start from rank 0's: the
+        broadcast above makes that so. Say it on rank 0, once, so it is never silent."""
+        if self.world_size == 1:
+            return
+        flag = torch.tensor([float(len(self._diverged_at_start))], device=self.device)
+        self.comm.all_reduce(flag, op="max", control=True)
+        if self.rank != 0 and self._diverged_at_start:
+            _LOG.warning("hf_zero: rank %d built weights that differ from rank 0's (first: %s); every rank "
+                         "starts from rank 0's weights", self.rank, ", ".join(self._diverged_at_start[:3]))
+        if self.rank == 0 and flag.item() > 0:
+            _LOG.warning("hf_zero: some ranks built weights that differ from rank 0's (different seeds?); every "
+                         "rank starts from rank 0's weights (docs/reliability.md)")
 
     def _make_optimizer(self, optimizer, model_parameters) -> torch.optim.Optimizer:
         if isinstance(optimizer, torch.optim.Optimizer):
