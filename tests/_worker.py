@@ -1,7 +1,14 @@
-"""Entry point of one launched test process (see launch.py)."""
+"""Entry point of one launched test process (see launch.py).
+
+After the scenario it destroys the process group and releases what still pins it (as hf_zero's
+exit callback does), then checks that no gloo worker thread is left for interpreter finalization:
+one that is left can abort the process at exit, rarely and only under load (issue 13 item 10). A
+new pin therefore fails here every time, naming the threads, instead of failing CI by chance.
+"""
 
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,3 +24,11 @@ if __name__ == "__main__":
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    from hf_zero.engine.teardown import release_destroyed_groups
+
+    release_destroyed_groups()
+    tasks = Path("/proc/self/task")
+    alive = sorted(n for n in ((tasks / t / "comm").read_text().strip() for t in os.listdir(tasks)) if "gloo" in n)
+    if alive:
+        print(f"_worker: gloo threads still alive before finalization: {alive}", file=sys.stderr, flush=True)
+        sys.exit(3)

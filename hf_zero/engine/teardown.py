@@ -23,10 +23,23 @@ finalization can start. (Checked with a deterministic reproducer: an asynchronou
 tensors were dropped in Python, still in flight at exit, aborts every time without this and exits
 0 with it.)
 
+Why destroying is not always enough. ``destroy_process_group`` only drops the registry's
+references; the gloo backend (and its worker threads) lives on while anything else still holds the
+group. ``torch.distributed.nn.functional`` does: its functions take ``group=group.WORLD`` as a
+default argument, evaluated when the module is imported. transformers imports it lazily (building
+any ``PretrainedConfig`` does), so in the usual order -- process group first, model second -- the
+default group is pinned by ten function defaults, survives every destroy, and its workers run into
+finalization. That is how a worker that called ``destroy_process_group()`` itself still aborted.
+So after the destroy we also release pins like these: every default argument of a function in a
+loaded ``torch.distributed`` module that is a process group no longer registered is reset to
+``None`` (which those functions read as "the default group", the same meaning), and a garbage
+collection frees what cycles still held. Measured: the gloo threads are gone after this, not after
+the destroy alone (``tests/test_teardown.py`` checks by thread name).
+
 Invariants:
     * :func:`install_exit_teardown` is idempotent: one callback per process, whoever calls it.
-    * The callback does nothing when no process group is initialized at exit (the user's script or
-      a launcher already destroyed it).
+    * When no process group is initialized at exit (the user's script or a launcher destroyed it)
+      the callback only releases pinned, destroyed groups (above); it starts no collective.
     * After an uncaught exception (``sys.last_value`` is set) it does nothing: the run has failed
       already, and waiting for collectives that peers will never join would delay the failure
       reaching them. Today's fast failure propagation (a crashed rank ends the others in ~1 s)
@@ -38,9 +51,11 @@ Invariants:
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import sys
 import threading
+import types
 
 import torch.distributed as dist
 
@@ -64,7 +79,10 @@ def install_exit_teardown(deadline_s: float = DEFAULT_DEADLINE_S) -> bool:
 def _teardown_at_exit(deadline_s: float) -> None:
     if getattr(sys, "last_value", None) is not None:
         return
-    if not (dist.is_available() and dist.is_initialized()):
+    if not dist.is_available():
+        return
+    if not dist.is_initialized():
+        release_destroyed_groups()
         return
     watchdog = threading.Timer(deadline_s, _give_up, args=(deadline_s,))
     watchdog.daemon = True
@@ -76,6 +94,51 @@ def _teardown_at_exit(deadline_s: float) -> None:
     finally:
         watchdog.cancel()
         watchdog.join()
+    release_destroyed_groups()
+
+
+def release_destroyed_groups() -> int:
+    """Drop the references that keep destroyed process groups (and their threads) alive.
+
+    Resets each default argument of a function in a loaded ``torch.distributed`` module that is a
+    process group no longer in the registry to ``None``, then collects garbage. Returns how many
+    defaults were reset. Live groups are never touched.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    live = set(map(id, getattr(c10d._world, "pg_map", {}) or {}))
+    reset = 0
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "torch.distributed" or name.startswith("torch.distributed.")):
+            continue
+        for value in list(vars(module).values()):
+            fn, depth = value, 0
+            while isinstance(fn, types.FunctionType) and depth < 8:  # follow functools.wraps chains
+                reset += _reset_defaults(fn, live)
+                fn, depth = getattr(fn, "__wrapped__", None), depth + 1
+    gc.collect()
+    return reset
+
+
+def _reset_defaults(fn: types.FunctionType, live: set) -> int:
+    reset = 0
+    defaults = fn.__defaults__
+    if defaults:
+        dead = [_is_dead_group(d, live) for d in defaults]
+        if any(dead):
+            fn.__defaults__ = tuple(None if is_dead else d for d, is_dead in zip(defaults, dead))
+            reset += sum(dead)
+    kwdefaults = fn.__kwdefaults__
+    if kwdefaults:
+        for key, d in list(kwdefaults.items()):
+            if _is_dead_group(d, live):
+                kwdefaults[key] = None
+                reset += 1
+    return reset
+
+
+def _is_dead_group(value, live: set) -> bool:
+    return isinstance(value, dist.ProcessGroup) and id(value) not in live
 
 
 def _give_up(deadline_s: float) -> None:
