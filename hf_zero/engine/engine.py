@@ -136,6 +136,11 @@ class ZeroEngine:
         self.host = None
         self._eager_active = False
         self._eager_submitted: set = set()
+        # the eager CPU step runs only in the one backward() of a boundary micro-step: trusted
+        # once the previous update's boundary micro-step had exactly one backward()
+        self._eager_trusted = False
+        self._backwards_in_micro = 0  # backward() calls in the micro-step ``_counted_micro``
+        self._counted_micro = -1
         self._staged: Dict[int, torch.Tensor] = {}
         if self.offload.enabled:
             self.host = self._make_host_step()
@@ -385,12 +390,34 @@ class ZeroEngine:
         """Backward of ``loss`` (divided by the accumulation steps unless ``scale_wrt_gas`` is
         False), multiplied by the loss scale. Gradients accumulate until the update."""
         factor = self.loss_scaler.scale / (self.gradient_accumulation_steps if scale_wrt_gas else 1)
-        self._eager_active = self._eager_allowed() and self.is_gradient_accumulation_boundary()
+        if self._counted_micro != self.micro_steps:
+            self._counted_micro, self._backwards_in_micro = self.micro_steps, 0
+        if self._eager_submitted:
+            raise RuntimeError(
+                "hf_zero: a second backward() before step() at the accumulation boundary, but the first one "
+                "already ran the CPU optimizer step of some units (offload_optimizer's eager per-unit step, "
+                "trusted because the previous update's boundary had a single backward()), so this backward's "
+                "gradients cannot reach them. Call backward() once per micro-batch (sum the losses), or the "
+                "same number of times at every micro-step from the first update on"
+            )
+        self._eager_active = (self._eager_allowed() and self.is_gradient_accumulation_boundary()
+                              and self._eager_trusted and self._backwards_in_micro == 0)
+        self._backwards_in_micro += 1
+        self.runtime.retain_uses = retain_graph
         try:
             (loss.float() * factor).backward(retain_graph=retain_graph)
             self.runtime.finish_backward()
         finally:
             self._eager_active = False
+            self.runtime.retain_uses = False
+        stepped = [u.name for u in self.runtime.last_late if self._eager_submitted & set(self._flat_indices(u))]
+        if stepped:
+            raise RuntimeError(
+                f"hf_zero: gradients for unit(s) {', '.join(stepped)} arrived after their eager CPU optimizer "
+                "step had started (offload_optimizer): the model uses those parameters outside their unit's "
+                "forward. Set \"hf_zero\": {\"skip_non_finite_steps\": true} (the default), which steps after "
+                "backward, and please report this model"
+            )
         return loss
 
     def step(self) -> None:
@@ -518,8 +545,8 @@ class ZeroEngine:
         return [index[id(f)] for f in unit.trainable]
 
     def _on_unit_reduced(self, unit) -> None:
-        if not self._eager_active or not unit.trainable:
-            return
+        if not self._eager_active or not unit.trainable or not unit.complete:
+            return  # a unit reduced before all its gradients were seen is stepped after backward
         idx = self._flat_indices(unit)
         grads = self._grad_shards()
         self.host.grads_down(idx, grads, torch.tensor(1.0 / self.loss_scaler.scale))
@@ -586,6 +613,8 @@ class ZeroEngine:
     def _finish_step(self) -> None:
         self.zero_grad()
         self._eager_submitted.clear()
+        self._eager_trusted = self._backwards_in_micro == 1
+        self.runtime.new_step()
         self.global_steps += 1
         self._last_comm = self.comm.take_totals()
         self.runtime.read_ahead_for_forward()  # parameter offload to NVMe: the next forward's first shards
