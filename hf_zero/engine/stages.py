@@ -130,6 +130,7 @@ class StageRuntime:
         predivide: float,
         prefetch: bool = True,
         shard_source=None,
+        check_unit_order: bool = True,
     ):
         self.units = list(units)
         self.comm = comm
@@ -138,6 +139,8 @@ class StageRuntime:
         self.accum_dtype = accum_dtype
         self.predivide = predivide
         self.prefetch_enabled = prefetch and stage == 3
+        # stage 3: before each all-gather, all ranks agree that they gather the same unit
+        self.check_unit_order = check_unit_order and stage == 3 and comm.world_size > 1
         # Stage 3 with parameter offload to NVMe: shards come from here (acquire / release /
         # prefetch / read_ahead_units, see hf_zero.offload.param_swap).
         self.shard_source = shard_source
@@ -213,6 +216,7 @@ class StageRuntime:
         if unit.state is FlatState.GATHERING:
             self.wait(unit)
             return
+        self._agree_on_unit(unit)
         for f in unit.flats:
             f.alloc_full()
             host = f.shard if self.shard_source is None else self.shard_source.acquire(f)
@@ -230,6 +234,31 @@ class StageRuntime:
             f.state = FlatState.GATHERING
         if not async_op:
             self.wait(unit)
+
+    def _agree_on_unit(self, unit: Unit) -> None:
+        """Stage 3: every rank must gather the same unit at the same point, or the all-gathers
+        pair different units' shards (wrong weights, or a size mismatch that aborts gloo).
+        Ranks that run different units (rank-dependent control flow: a layer skipped on one
+        rank, LayerDrop with per-rank randomness) are not supported at stage 3, so one small
+        control all-reduce of every rank's unit index, before the data moves, turns that into
+        the same clear error on every rank."""
+        if not self.check_unit_order:
+            return
+        device = unit.flats[0].device if unit.flats else torch.device("cpu")
+        mine = torch.zeros(self.comm.world_size, dtype=torch.int64, device=device)
+        mine[self.comm.rank] = unit.index + 1
+        self.comm.all_reduce(mine, op="sum", control=True)
+        seen = mine.tolist()
+        if any(i != unit.index + 1 for i in seen):
+            by_index = {u.index + 1: u.name for u in self.units}
+            what = ", ".join(f"rank {r}: {by_index.get(i, 'nothing')}" for r, i in enumerate(seen))
+            raise RuntimeError(
+                f"hf_zero: ZeRO stage 3 needs every rank to run the same units in the same order, but the "
+                f"ranks are about to gather different units ({what}). The model's control flow depends on "
+                "the rank or its data (a layer skipped on some ranks, LayerDrop with per-rank randomness): "
+                "use stage 2 (which supports it), or make the choice the same on every rank (e.g. seed "
+                "LayerDrop's generator identically on all ranks)"
+            )
 
     def wait(self, unit: Unit) -> None:
         for h in unit.handles:
