@@ -45,8 +45,10 @@ class ReuseNet(nn.Module):
         self.blocks = nn.ModuleList(Block(d) for _ in range(layers))
         self.head = nn.Linear(d, VOCAB, bias=False)
 
-    def forward(self, input_ids, labels=None, plan=(0, 1, 2)):
+    def forward(self, input_ids, labels=None, plan=(0, 1, 2), outside=False):
         h = self.embed(input_ids)
+        if outside:  # the last block's weight used by the root, before any block runs
+            h = h + 0.1 * F.linear(h, self.blocks[-1].fc.weight)
         for i in plan:
             h = self.blocks[i](h)
         logits = self.head(h)
@@ -86,7 +88,7 @@ def micro_losses(model: Callable, case: dict, batch: dict, rank: int) -> List[to
     it trains on. ``pattern``: "single" one forward; "two_forwards" f(x) + f(x') in one
     backward (R-Drop, contrastive); "two_backwards" both forwards first, then one backward()
     per loss; "interleaved" forward, backward, forward, backward."""
-    kw = {"plan": plan_for(case, rank)} if case["model"] == "reuse" else {}
+    kw = {"plan": plan_for(case, rank), "outside": bool(case.get("outside"))} if case["model"] == "reuse" else {}
     pattern = case.get("pattern", "single")
     if pattern == "single":
         return [model(**batch, **kw).loss]
@@ -94,6 +96,9 @@ def micro_losses(model: Callable, case: dict, batch: dict, rank: int) -> List[to
         return [model(**batch, **kw).loss + model(**second_batch(batch), **kw).loss]
     if pattern == "two_backwards":
         return [model(**batch, **kw).loss, model(**second_batch(batch), **kw).loss]
+    if pattern == "retain":  # the same graph twice: backward(retain_graph=True), then backward
+        loss = model(**batch, **kw).loss
+        return [loss, loss]
     if pattern == "interleaved":  # the second forward runs when it is asked for
         return [lambda: model(**batch, **kw).loss, lambda: model(**second_batch(batch), **kw).loss]
     raise ValueError(pattern)
@@ -118,19 +123,26 @@ def train(case: dict, rank: int, world: int, raise_at: int = -1):
     opt = make_optimizer(case.get("opt", "sgd"), grouped_params(model))
     engine, _, _, _ = hf_zero.initialize(model=model, optimizer=opt, config=engine_config(case))
     data = batches(case.get("steps", 3), case.get("accum", 2), world)
-    losses, eager_steps = [], []
+    losses, eager_steps, late, early = [], [], set(), []
     for s, step in enumerate(data):
         total = 0.0
         for micro in step:
-            for loss in micro_losses(engine, case, micro[rank], rank):
+            todo = micro_losses(engine, case, micro[rank], rank)
+            for i, loss in enumerate(todo):
                 loss = loss() if callable(loss) else loss
-                engine.backward(loss)
+                engine.backward(loss, retain_graph=retained(case, i, todo))
                 total += loss.item()
+                late.update(u.name for u in engine.runtime.last_late)
+                early.append(engine.runtime.reduced_early)
             if engine._eager_submitted:
                 eager_steps.append(s)
             engine.step()
         losses.append(total / len(step))
-    return engine, losses, eager_steps
+    return engine, losses, {"eager_steps": eager_steps, "late": sorted(late), "early": early}
+
+
+def retained(case: dict, i: int, todo: list) -> bool:
+    return case.get("pattern") == "retain" and i < len(todo) - 1
 
 
 def reduction(payload, out_dir: Path):
@@ -145,7 +157,7 @@ def reduction(payload, out_dir: Path):
     for case in payload["cases"]:
         key = case_id(case)
         try:
-            engine, losses, eager_steps = train(case, rank, world)
+            engine, losses, seen = train(case, rank, world)
         except Exception as exc:  # reported, and the test decides whether it was expected
             results[key] = {"error": f"{type(exc).__name__}: {exc}"}
             if not case.get("expect_error"):
@@ -154,9 +166,23 @@ def reduction(payload, out_dir: Path):
         sd = engine.full_state_dict()
         if rank == 0:
             save_file({k: v.clone() for k, v in sd.items()}, str(out_dir / f"{key}.safetensors"))
-        results[key] = {"losses": losses, "eager_steps": eager_steps, "steps": engine.global_steps}
+        results[key] = {"losses": losses, "steps": engine.global_steps, **seen}
         engine.destroy()
     return results
+
+
+def stage3_rank_dependent(payload, out_dir: Path):
+    """Stage 3, rank 0 leaves out block 1: the error every rank raises (never a hang, never
+    wrong weights)."""
+    from hf_zero.initialize import init_distributed
+
+    rank, world = init_distributed()
+    case = dict(model="reuse", stage=3, skip_on=0, plan=payload.get("plan", [0, 1, 2]))
+    try:
+        train(case, rank, world)
+    except RuntimeError as exc:
+        return {"error": str(exc)}
+    return {"error": None}
 
 
 def eager_then_two_backwards(payload, out_dir: Path):
@@ -197,9 +223,10 @@ def reference(case: dict, world: int):
         total = 0.0
         for micro in step:
             for r, batch in enumerate(micro):
-                for loss in micro_losses(model, case, batch, r):
+                todo = micro_losses(model, case, batch, r)
+                for i, loss in enumerate(todo):
                     loss = loss() if callable(loss) else loss
-                    (loss / (accum * world)).backward()
+                    (loss / (accum * world)).backward(retain_graph=retained(case, i, todo))
                     total += loss.item() / (accum * world)
         for p in trainable:
             if p.grad is None:

@@ -40,10 +40,34 @@ CASES = [
     dict(model="llama", stage=3, offload="cpu", eager=True, pattern="two_backwards", accum=1),
     dict(model="llama", stage=3, offload="cpu", eager=True, pattern="two_backwards"),
     dict(model="reuse", stage=2, offload="cpu", eager=True, plan=REUSE_TWICE),
+    # what the use counting cannot see comes late and is reduced at the end of backward: a
+    # block's weight used by the root before the block runs; the same graph backwarded twice
+    dict(model="reuse", stage=2, outside=True),
+    dict(model="reuse", stage=2, outside=True, plan=REUSE_TWICE, pattern="two_forwards", accum=1),
+    dict(model="reuse", stage=3, pattern="retain", plan=REUSE_TWICE, accum=1),
+    dict(model="llama", stage=2, pattern="retain"),
     # rank-dependent control flow: rank 0 leaves out block 1 (stage 2: supported)
     dict(model="reuse", stage=2, skip_on=0),
     dict(model="reuse", stage=2, skip_on=1, plan=REUSE_TWICE, pattern="two_forwards", opt="adamw"),
 ]
+
+
+def test_stage3_rank_dependent_control_flow_fails_clearly(tmp_path):
+    """Stage 3 cannot pair all-gathers of ranks that run different units: every rank raises the
+    same error naming both units (before any data moves), never a hang or wrong weights."""
+    results = launch(2, "reduction_scenarios:stage3_rank_dependent", {}, tmp_path, timeout=300)
+    for r in results:
+        assert r["error"] is not None
+        assert "rank 0: blocks.2, rank 1: blocks.1" in r["error"] and "use stage 2" in r["error"]
+
+
+def test_second_backward_after_eager_cpu_step_fails_clearly(tmp_path):
+    """Offload's eager CPU step, trusted after boundaries with one backward(), then a second
+    backward() at a boundary: the clear error (its gradients cannot reach stepped units)."""
+    results = launch(2, "reduction_scenarios:eager_then_two_backwards", {"stage": 3}, tmp_path, timeout=300)
+    for r in results:
+        assert r["error"] is not None and "a second backward() before step()" in r["error"]
+        assert r["eager"], "the first backward should have stepped units eagerly"
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
@@ -88,3 +112,18 @@ def test_matches_unsharded_reference(run, case):
         # exactly when the boundary micro-step had a single backward()
         expected = [1, 2] if case.get("pattern", "single") == "single" else []
         assert all(r[key]["eager_steps"] == expected for r in results), [r[key]["eager_steps"] for r in results]
+    # what the rule decided: only a use it cannot count comes late, and the layers are reduced
+    # during backward (overlap), except in the first of two backward() calls after two forwards,
+    # whose units still await the second forward's uses
+    assert all(r[key]["late"] == (["blocks.2"] if case.get("outside") else []) for r in results)
+    assert all(r[key]["early"] == _expected_early(case, len(r[key]["early"])) for r in results), \
+        [r[key]["early"] for r in results]
+
+
+def _expected_early(case, backwards):
+    layers = 3 if case["model"] == "reuse" else 2
+    if case["stage"] < 2:
+        return [0] * backwards
+    if case.get("pattern") == "two_backwards":
+        return [0, layers] * (backwards // 2)
+    return [layers] * backwards

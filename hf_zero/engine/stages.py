@@ -162,6 +162,7 @@ class StageRuntime:
         self.retain_uses = False  # engine.backward(retain_graph=True): the graph may run again
         self._started: List[_Use] = []  # uses begun in this backward
         self.last_late: List[Unit] = []  # units reduced late at the end of the last backward
+        self.reduced_early = 0  # units the last backward reduced before its end (overlap)
         self._in_backward_step = False
         self.on_backward_end: Optional[Callable[[], None]] = None
         self.on_unit_reduced: Optional[Callable[[Unit], None]] = None  # e.g. start its CPU step
@@ -387,6 +388,7 @@ class StageRuntime:
         order += [u for u in reversed(self.units) if id(u) not in seen and not u.is_root]
         self.backward_order = order + [self.root]
         self._reduced_upto = 0
+        self.reduced_early = 0
         for u in self.units:
             u.waiting = set(u.expected)
             u.reduced = False
@@ -476,6 +478,7 @@ class StageRuntime:
         last = len(self.reduce_order) - 1
         while self._reduced_upto < last and self._ready(self.reduce_order[self._reduced_upto]):
             self._reduce_next()
+            self.reduced_early += 1
 
     def _reduce_next(self) -> None:
         unit = self.reduce_order[self._reduced_upto]
