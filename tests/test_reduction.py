@@ -35,6 +35,8 @@ CASES = [
     dict(model="llama", stage=3, pattern="two_forwards", checkpointing="reentrant"),
     dict(model="llama", stage=3, pattern="two_forwards", checkpointing="nonreentrant"),
     dict(model="llama", stage=2, pattern="two_backwards", checkpointing="reentrant"),
+    # an MoE whose experts get tokens on some ranks only, recomputed inside backward
+    dict(model="mixtral", stage=3, pattern="two_forwards", checkpointing="reentrant", opt="adamw"),
     # stage 3 + CPU optimizer offload, eager per-unit step: accumulation, two backward() calls
     dict(model="llama", stage=3, offload="cpu", eager=True),
     dict(model="llama", stage=3, offload="cpu", eager=True, pattern="two_backwards", accum=1),
@@ -116,12 +118,14 @@ def test_matches_unsharded_reference(run, case):
     # during backward (overlap), except in the first of two backward() calls after two forwards,
     # whose units still await the second forward's uses
     assert all(r[key]["late"] == (["blocks.2"] if case.get("outside") else []) for r in results)
-    assert all(r[key]["early"] == _expected_early(case, len(r[key]["early"])) for r in results), \
+    assert all(_expected_early(case, len(r[key]["early"])) in (None, r[key]["early"]) for r in results), \
         [r[key]["early"] for r in results]
 
 
 def _expected_early(case, backwards):
     layers = 3 if case["model"] == "reuse" else 2
+    if case["model"] == "mixtral":
+        return None  # an expert without tokens on a rank makes the count data-dependent
     if case["stage"] < 2:
         return [0] * backwards
     if case.get("pattern") == "two_backwards":

@@ -199,6 +199,7 @@ class StageRuntime:
                 u.grad_shard.clear()  # stage 1: the boundary's reduce-scatter output
             else:
                 u.grad_full.clear()  # per-backward buffers
+                u.late.clear()
                 for fi, t in u.grad_shard.items():
                     t.zero_()
                     u.fresh.add(fi)
@@ -368,6 +369,11 @@ class StageRuntime:
         if unit.silent_uses > 0 and not unit.replaying:
             unit.silent_uses -= 1
             unit.replaying = True
+            # backward has moved on to this unit: reduce what is ready before it gathers, as a
+            # use start does, so every rank issues the same reductions before this all-gather
+            self._begin_backward()
+            self._event += 1
+            self._advance()
 
     @staticmethod
     def _after(order: List[Unit], unit: Unit) -> int:
@@ -404,18 +410,19 @@ class StageRuntime:
         """The first gradient reached an output of ``use``: its unit's backward use begins."""
         self._begin_backward()
         unit = use.unit
-        if use.started:  # another output of a use already begun
-            self.gather(unit)
-            return
-        use.started = True
-        self._started.append(use)
-        if use.armed:
-            use.armed = False
-            unit.pending_uses -= 1
+        if not use.started:  # (else: another output of a use already begun)
+            use.started = True
+            self._started.append(use)
+            if use.armed:
+                use.armed = False
+                unit.pending_uses -= 1
+            unit.waiting = set(unit.expected)
+        # An event: units whose last use began before it are done (if their countdown did not
+        # say so already). Every all-gather in backward follows an event and the reductions it
+        # makes ready, so all ranks issue the same reductions between two all-gathers.
         self._event += 1
         unit.start_event = self._event
         unit.active = True
-        unit.waiting = set(unit.expected)
         if unit.is_root:
             self.gather(unit)
             return
