@@ -237,3 +237,29 @@ def reference(case: dict, world: int):
         opt.zero_grad()
         losses.append(total)
     return model, losses
+
+
+def order_check_cost(payload, out_dir: Path):
+    """One stage-3 step of the tiny Llama with ``hf_zero.check_unit_order`` on and off: the
+    control bytes each sends and how many unit checks ran."""
+    import hf_zero
+    from hf_zero.initialize import init_distributed
+
+    rank, world = init_distributed()
+    out = {}
+    for check in (True, False):
+        model = build("llama")
+        cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+               "zero_optimization": {"stage": 3}, "hf_zero": {"check_unit_order": check}}
+        engine, _, _, _ = hf_zero.initialize(model=model, optimizer=make_optimizer("sgd", model.parameters()),
+                                             config=cfg)
+        calls = []
+        agree = engine.runtime._agree_on_unit
+        engine.runtime._agree_on_unit = lambda unit: (calls.append(unit.name) if engine.runtime.check_unit_order
+                                                      else None, agree(unit))
+        batch = batches(1, 1, world)[0][0][rank]
+        engine.backward(engine(**batch).loss)
+        engine.step()
+        out[str(check)] = {"control": engine.memory_report()["comm_bytes_last_step"]["control"], "checks": len(calls)}
+        engine.destroy()
+    return out

@@ -131,3 +131,23 @@ def _expected_early(case, backwards):
     if case.get("pattern") == "two_backwards":
         return [0, layers] * (backwards // 2)
     return [layers] * backwards
+
+
+def test_check_unit_order_key():
+    from hf_zero.config import ZeroConfig
+
+    assert ZeroConfig.load({"zero_optimization": {"stage": 3}}).hf_zero.check_unit_order is True
+    off = ZeroConfig.load({"zero_optimization": {"stage": 3}, "hf_zero": {"check_unit_order": False}})
+    assert off.hf_zero.check_unit_order is False
+    with pytest.raises(Exception, match="check_unit_order"):
+        ZeroConfig.load({"hf_zero": {"check_unit_order": "sometimes"}})
+
+
+def test_order_check_is_one_small_all_reduce_per_gather(tmp_path):
+    """Stage 3, world 2: with the check, each all-gather of a unit adds one control all-reduce
+    of 2 int64 (16 ring bytes at world 2) and nothing else; ``check_unit_order: false`` removes it."""
+    results = launch(2, "reduction_scenarios:order_check_cost", {}, tmp_path, timeout=300)
+    for r in results:
+        on, off = r["True"], r["False"]
+        assert off["checks"] == 0 and on["checks"] >= 2 * 3  # root + 2 layers, forward and backward
+        assert on["control"] - off["control"] == 16 * on["checks"]

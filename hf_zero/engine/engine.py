@@ -129,7 +129,7 @@ class ZeroEngine:
         predivide = float(config.gradient_predivide_factor) if config.prescale_gradients else 1.0
         self.runtime = StageRuntime(
             self.units, comm, stage=self.stage, comm_dtype=comm_dtype, accum_dtype=accum, predivide=predivide,
-            shard_source=self.param_swap,
+            shard_source=self.param_swap, check_unit_order=hz.check_unit_order,
         )
         self.runtime.on_backward_end = self.runtime.finish_backward
         self.runtime.install()
