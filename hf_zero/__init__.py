@@ -8,6 +8,8 @@ import importlib
 
 from .config import ConfigError, ZeroConfig
 from .engine import Collectives, OptimizerNotSupported, ZeroEngine
+from .engine.access import ShardedParameterError
+from .engine.gather import gathered_parameters
 from .initialize import initialize
 
 __version__ = "0.1.0"
@@ -31,4 +33,5 @@ def __getattr__(name):
 
 
 __all__ = ["ConfigError", "ZeroConfig", "ZeroEngine", "Collectives", "OptimizerNotSupported", "initialize",
+           "gathered_parameters", "ShardedParameterError",
            "__version__", *_LAZY]
