@@ -39,6 +39,14 @@ Note:
       units; the root is not released between a training forward and its backward.
     * Activation checkpointing: a forward that runs inside backward (recomputation) gathers its
       unit but never releases it; backward releases it like any other.
+    * Use outside the unit's own forward (see :mod:`hf_zero.engine.access`): a parameter whose
+      unit is sharded, touched during the engine's forward (a parent module using a child unit's
+      weight after the child ran), is gathered on demand and its unit becomes *sticky*: only
+      the end of backward (or of a no-grad forward) releases it. A forward output that aliases
+      the unit's own parameters (a module returning its weight) is replaced by a copy before
+      the unit is released, so the caller never holds freed storage.
+    * Pins: a unit with ``pins > 0`` (inside ``hf_zero.gathered_parameters`` or a gather-once
+      ``generate``) is never released; the context that pinned it releases it afterwards.
     * All collectives go through :class:`~hf_zero.engine.collectives.Collectives`.
 """
 
@@ -98,6 +106,8 @@ class Unit:
         self.start_event = -1  # the runtime's event count when its latest use began
         self.complete = False  # reduced because every parameter's gradient had arrived
         self.late: Dict[int, torch.Tensor] = {}  # flat index -> gradient that came after reduction
+        self.pins = 0  # open gathered_parameters contexts (and gather-once generates) holding it
+        self.sticky = False  # gathered on demand in this forward: kept until backward ends
 
     @property
     def state(self) -> FlatState:
@@ -167,6 +177,7 @@ class StageRuntime:
         self.on_backward_end: Optional[Callable[[], None]] = None
         self.on_unit_reduced: Optional[Callable[[Unit], None]] = None  # e.g. start its CPU step
         self._pending: list = []  # reduce-scatters in flight: (handle, full, out, acc, direct)
+        self.in_forward = False  # between the root's forward pre-hook and its forward hook
         self.max_pending_reductions = 2  # full gradient buffers kept alive by them, at most
 
     # ------------------------------------------------------------------------------ install
@@ -288,16 +299,31 @@ class StageRuntime:
         upcoming = order[start : start + (count or self.shard_source.read_ahead_units)]
         self.shard_source.prefetch([f for u in upcoming if u.state is FlatState.SHARDED for f in u.flats])
 
-    def release(self, unit: Unit) -> None:
-        if self.stage != 3 or unit.state is FlatState.SHARDED:
+    def release(self, unit: Unit, force: bool = False) -> None:
+        """Free ``unit``'s gathered parameters, unless it is pinned, or sticky (gathered on
+        demand in this forward) and not ``force``-d."""
+        if self.stage != 3 or unit.state is FlatState.SHARDED or unit.pins:
+            return
+        if unit.sticky and not force:
             return
         self.wait(unit)
+        unit.sticky = False
         for f in unit.flats:
             f.free_full()
 
     def release_all(self) -> None:
         for u in self.units:
-            self.release(u)
+            self.release(u, force=True)
+
+    def gather_on_demand(self, unit: Unit) -> bool:
+        """A parameter of sharded ``unit`` is used by an operation. Inside the engine's forward
+        (or a recomputation in backward) gather the unit and keep it until backward ends
+        (True); elsewhere nothing can be gathered safely (False: the caller raises)."""
+        if self.stage != 3 or not (self.in_forward or in_backward()):
+            return False
+        self.gather(unit)
+        unit.sticky = True
+        return True
 
     # ------------------------------------------------------------------------------ forward
     def _make_pre_forward(self, unit: Unit):
@@ -310,6 +336,7 @@ class StageRuntime:
                 self.last_forward_order = self.forward_order or self.last_forward_order
                 self.forward_order = []
                 self._training_forward = torch.is_grad_enabled()
+                self.in_forward = True
             else:
                 self.forward_order.append(unit)
                 if self._training_forward and not torch.is_grad_enabled():
@@ -334,20 +361,56 @@ class StageRuntime:
                 return None
             if unit.is_root:
                 self._training_forward = False
-                for u in self.units:  # prefetched but not run this time
+                self.in_forward = False
+                grad = torch.is_grad_enabled()
+                for u in self.units:  # prefetched but not run this time (and, without grad, sticky)
                     if u is not self.root:
-                        self.release(u)
-                if torch.is_grad_enabled():  # backward starts with the last units of this forward
+                        self.release(u, force=not grad)
+                if grad:  # backward starts with the last units of this forward
                     self._read_ahead(self.forward_order[::-1], 0)
+            replaced = self._copy_aliases(unit, output) if self.stage == 3 else None
+            if replaced is not None:
+                output = replaced
             hooked = torch.is_grad_enabled() and self._register_output_hooks(unit, output)
             # The root stays gathered until backward ends when its outputs cannot be seen, and,
             # with shards on NVMe, always after a training forward: backward needs it first, so
             # keeping it saves a read of the (usually largest) unit per step.
             if not (unit.is_root and torch.is_grad_enabled() and (not hooked or self.shard_source is not None)):
-                self.release(unit)
-            return None
+                self.release(unit, force=unit.is_root and not torch.is_grad_enabled())
+            return replaced
 
         return hook
+
+    @staticmethod
+    def _copy_aliases(unit: Unit, output):
+        """``output`` with every tensor that shares storage with ``unit``'s flat buffers (its
+        own parameters or views of them) replaced by a copy (differentiable, so gradients still
+        reach the parameters), or None when nothing aliases them."""
+        storages = {f.full.untyped_storage().data_ptr() for f in unit.flats}
+        storages.discard(0)
+        if not storages:
+            return None
+        changed = []
+
+        def fix(obj):
+            if isinstance(obj, torch.Tensor):
+                if obj.untyped_storage().data_ptr() in storages:
+                    changed.append(True)
+                    return obj.clone()
+                return obj
+            if type(obj) in (tuple, list):
+                return type(obj)(fix(o) for o in obj)
+            if isinstance(obj, dict):  # in place: keeps dict subclasses (ModelOutput) intact
+                for k in list(obj.keys()):
+                    v = fix(obj[k])
+                    if v is not obj[k]:
+                        obj[k] = v
+                return obj
+            return obj
+
+        with torch._C.DisableTorchFunctionSubclass():
+            out = fix(output)
+        return out if changed else None
 
     def _register_output_hooks(self, unit: Unit, output, armed: bool = True) -> bool:
         """Hook every output of this call that requires grad; with ``armed``, count the call as
