@@ -13,6 +13,8 @@ import os
 
 from .config import ConfigError, ZeroConfig
 from .engine import Collectives, OptimizerNotSupported, ZeroEngine
+from .engine.access import ShardedParameterError
+from .engine.gather import gathered_parameters
 from .initialize import initialize
 
 __version__ = "0.1.0"
@@ -43,4 +45,5 @@ def __getattr__(name):
 
 
 __all__ = ["ConfigError", "ZeroConfig", "ZeroEngine", "Collectives", "OptimizerNotSupported", "initialize",
+           "gathered_parameters", "ShardedParameterError",
            "__version__", *_LAZY]

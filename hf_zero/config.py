@@ -720,16 +720,20 @@ class HFZeroConfig:
     precision (fp16 always does). max_consecutive_skipped_steps: stop with an error after this
     many skipped steps in a row (0 = never) in fp32, bf16 and static-scale fp16; dynamic fp16
     stops as DeepSpeed does, at an overflow with the scale already at min_loss_scale.
+    check_unit_order: at stage 3, all ranks agree on the unit before every all-gather (a clear
+    error for rank-dependent control flow instead of mismatched collectives; see docs/engine.md).
     """
 
     skip_non_finite_steps: bool = True
     max_consecutive_skipped_steps: int = 10
+    check_unit_order: bool = True
 
     def __post_init__(self) -> None:
         s = object.__setattr__
         s(self, "skip_non_finite_steps", _bool("skip_non_finite_steps", self.skip_non_finite_steps))
         s(self, "max_consecutive_skipped_steps",
           _int("max_consecutive_skipped_steps", self.max_consecutive_skipped_steps, minimum=0))
+        s(self, "check_unit_order", _bool("check_unit_order", self.check_unit_order))
 
 
 @dataclass(frozen=True)

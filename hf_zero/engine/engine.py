@@ -16,6 +16,14 @@ Note:
     * Memory accounting (:meth:`memory_report`) counts persistent per-rank tensors only: the
       parameter storage a rank keeps between steps, its gradient accumulators, its fp32 master
       copy (zero when the master aliases fp32 parameters) and its optimizer states.
+    * Without an optimizer (neither ``optimizer=`` nor an ``optimizer`` section) the engine is
+      inference-only: every parameter is frozen (``requires_grad`` False), no fp32 masters or
+      gradient buffers exist, forward and :meth:`generate` work at every stage (parameters
+      sharded at stage 3), and ``backward`` / ``step`` raise. This is how a frozen reference
+      model (TRL's DPO/KTO/GRPO) is sharded next to the trained one.
+    * Every parameter knows its place (``_hf_zero_access``, see :mod:`hf_zero.engine.access`);
+      at stage 3 its class is ``ShardedParameter``, so using it while sharded raises a clear
+      error instead of reading freed memory.
 """
 
 from __future__ import annotations
@@ -70,7 +78,8 @@ class ZeroEngine:
         if config.unresolved_keys():
             raise ValueError(f"config has unresolved 'auto' values: {config.unresolved_keys()}")
         zo = config.zero_optimization
-        if zo.offload_param.enabled and not zo.offload_optimizer.enabled:
+        self.inference_only = optimizer is None and config.optimizer is None
+        if zo.offload_param.enabled and not zo.offload_optimizer.enabled and not self.inference_only:
             raise ValueError(
                 f"zero_optimization.offload_param.device={zo.offload_param.device!r} needs "
                 "zero_optimization.offload_optimizer too (\"cpu\" or \"nvme\"): with the parameters off "
@@ -105,12 +114,25 @@ class ZeroEngine:
         self._diverged_at_start: List[str] = []  # names of params whose values differed from rank 0's
         self.module = self._place(model, device)
         self._sync_buffers()
-        self.optimizer = self._make_optimizer(optimizer, model_parameters)
-        check_elementwise(self.optimizer, allow_untested=config.zero_allow_untested_optimizer)
+        if self.inference_only:
+            if model_parameters is not None or lr_scheduler is not None or config.scheduler is not None:
+                raise ValueError(
+                    "model_parameters / a scheduler were given without an optimizer: an engine without "
+                    "optimizer is inference-only; pass optimizer= or add an 'optimizer' section to train"
+                )
+            for p in self.module.parameters():
+                p.requires_grad_(False)
+            self.optimizer = None
+        else:
+            self.optimizer = self._make_optimizer(optimizer, model_parameters)
+            check_elementwise(self.optimizer, allow_untested=config.zero_allow_untested_optimizer)
         self.units = self._build_units()
+        self._guard_parameters()
         self.pieces: List[Piece] = self._build_pieces()
-        repoint_optimizer(self.optimizer, self.pieces)
+        if self.optimizer is not None:
+            repoint_optimizer(self.optimizer, self.pieces)
         self.lr_scheduler = self._make_scheduler(lr_scheduler)
+        self.last_generate_path: Optional[str] = None  # "full" or "per_unit" (stage 3 generate)
 
         fp16 = config.fp16
         self.loss_scaler = LossScaler(
@@ -129,15 +151,20 @@ class ZeroEngine:
         predivide = float(config.gradient_predivide_factor) if config.prescale_gradients else 1.0
         self.runtime = StageRuntime(
             self.units, comm, stage=self.stage, comm_dtype=comm_dtype, accum_dtype=accum, predivide=predivide,
-            shard_source=self.param_swap,
+            shard_source=self.param_swap, check_unit_order=hz.check_unit_order,
         )
         self.runtime.on_backward_end = self.runtime.finish_backward
         self.runtime.install()
         self.host = None
         self._eager_active = False
         self._eager_submitted: set = set()
+        # the eager CPU step runs only in the one backward() of a boundary micro-step: trusted
+        # once the previous update's boundary micro-step had exactly one backward()
+        self._eager_trusted = False
+        self._backwards_in_micro = 0  # backward() calls in the micro-step ``_counted_micro``
+        self._counted_micro = -1
         self._staged: Dict[int, torch.Tensor] = {}
-        if self.offload.enabled:
+        if self.offload.enabled and not self.inference_only:
             self.host = self._make_host_step()
             self.runtime.on_unit_reduced = self._on_unit_reduced
         self._report_start_divergence()
@@ -233,7 +260,7 @@ class ZeroEngine:
         """Per unit spec, its flats to build: ``(spec, [(dtype, [(name, param), ...]), ...])``,
         one flat per (trainability, dtype), trainable parameters laid out by optimizer group."""
         specs = build_units(self.module, find_layer_modules(self.module))
-        group_of = param_group_index(self.optimizer)
+        group_of = param_group_index(self.optimizer) if self.optimizer is not None else {}
         plan = []
         for spec in specs:
             buckets: Dict[tuple, tuple] = {}
@@ -268,7 +295,7 @@ class ZeroEngine:
                     shard_world=shard_world,
                     sharded=sharded,
                     alignment=self.alignment,
-                    master_dtype=torch.float32,
+                    master_dtype=None if self.inference_only else torch.float32,
                     master_device=torch.device("cpu") if self.offload.enabled else None,
                     source=self._initial_values([p for _, p in named]),
                 )
@@ -317,8 +344,17 @@ class ZeroEngine:
         else:
             f.shard.copy_(values)
 
+    def _guard_parameters(self) -> None:
+        """Tell every parameter where it lives; at stage 3, make it a ``ShardedParameter``."""
+        from .access import guard
+
+        for u in self.units:
+            for f in u.flats:
+                for i in range(len(f.params)):
+                    guard(self, u, f, i)
+
     def _build_pieces(self) -> List[Piece]:
-        group_of = param_group_index(self.optimizer)
+        group_of = param_group_index(self.optimizer) if self.optimizer is not None else {}
         pieces: List[Piece] = []
         self._trainable_flats: List[FlatParam] = [f for u in self.units for f in u.trainable]
         for fi, f in enumerate(self._trainable_flats):
@@ -367,6 +403,28 @@ class ZeroEngine:
 
     forward = __call__
 
+    def generate(self, *args, gather: str = "auto", **kwargs):
+        """``self.module.generate(...)``. At stage 3, ``gather`` picks how parameters arrive:
+        ``"full"`` gathers the whole model once for the call and releases it after (no
+        collective per token); ``"per_unit"`` gathers unit by unit at every forward (least
+        memory; several ranks then pass ``synced_gpus=True``); ``"auto"`` (default) takes
+        ``"full"`` when every rank measures room for it (see
+        :func:`hf_zero.engine.gather.full_model_fits`). Collective at stage 3: every rank calls it."""
+        from .gather import full_model_fits, gathered_parameters
+
+        if gather not in ("auto", "full", "per_unit"):
+            raise ValueError(f"generate(gather={gather!r}): expected 'auto', 'full' or 'per_unit'")
+        if self.stage != 3:
+            return self.module.generate(*args, **kwargs)
+        full = gather == "full" or (gather == "auto" and full_model_fits(self))
+        self.last_generate_path = "full" if full else "per_unit"
+        if full:
+            with gathered_parameters(self.module.parameters()):
+                return self.module.generate(*args, **kwargs)
+        if self.world_size > 1:
+            kwargs.setdefault("synced_gpus", True)
+        return self.module.generate(*args, **kwargs)
+
     def train(self, mode: bool = True) -> "ZeroEngine":
         self.module.train(mode)
         return self
@@ -384,17 +442,41 @@ class ZeroEngine:
     def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
         """Backward of ``loss`` (divided by the accumulation steps unless ``scale_wrt_gas`` is
         False), multiplied by the loss scale. Gradients accumulate until the update."""
+        self._require_optimizer("backward")
         factor = self.loss_scaler.scale / (self.gradient_accumulation_steps if scale_wrt_gas else 1)
-        self._eager_active = self._eager_allowed() and self.is_gradient_accumulation_boundary()
+        if self._counted_micro != self.micro_steps:
+            self._counted_micro, self._backwards_in_micro = self.micro_steps, 0
+        if self._eager_submitted:
+            raise RuntimeError(
+                "hf_zero: a second backward() before step() at the accumulation boundary, but the first one "
+                "already ran the CPU optimizer step of some units (offload_optimizer's eager per-unit step, "
+                "trusted because the previous update's boundary had a single backward()), so this backward's "
+                "gradients cannot reach them. Call backward() once per micro-batch (sum the losses), or the "
+                "same number of times at every micro-step from the first update on"
+            )
+        self._eager_active = (self._eager_allowed() and self.is_gradient_accumulation_boundary()
+                              and self._eager_trusted and self._backwards_in_micro == 0)
+        self._backwards_in_micro += 1
+        self.runtime.retain_uses = retain_graph
         try:
             (loss.float() * factor).backward(retain_graph=retain_graph)
             self.runtime.finish_backward()
         finally:
             self._eager_active = False
+            self.runtime.retain_uses = False
+        stepped = [u.name for u in self.runtime.last_late if self._eager_submitted & set(self._flat_indices(u))]
+        if stepped:
+            raise RuntimeError(
+                f"hf_zero: gradients for unit(s) {', '.join(stepped)} arrived after their eager CPU optimizer "
+                "step had started (offload_optimizer): the model uses those parameters outside their unit's "
+                "forward. Set \"hf_zero\": {\"skip_non_finite_steps\": true} (the default), which steps after "
+                "backward, and please report this model"
+            )
         return loss
 
     def step(self) -> None:
         """Count a micro-step; at the accumulation boundary, update the weights."""
+        self._require_optimizer("step")
         boundary = self.is_gradient_accumulation_boundary()
         self.micro_steps += 1
         if boundary:
@@ -403,7 +485,16 @@ class ZeroEngine:
     def apply_update(self) -> None:
         """Update the weights now from the gradients accumulated so far, whatever the micro-step
         counter says (for integrations that track accumulation themselves, as Accelerate does)."""
+        self._require_optimizer("apply_update")
         self._optimizer_step()
+
+    def _require_optimizer(self, what: str) -> None:
+        if self.optimizer is None:
+            raise RuntimeError(
+                f"engine.{what}(): this engine has no optimizer, so it is inference-only (forward and "
+                "generate; its parameters are frozen). To train the model, pass optimizer= to "
+                "hf_zero.initialize() or add an 'optimizer' section to the config."
+            )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradient accumulators (the engine also does this after every update)."""
@@ -518,8 +609,8 @@ class ZeroEngine:
         return [index[id(f)] for f in unit.trainable]
 
     def _on_unit_reduced(self, unit) -> None:
-        if not self._eager_active or not unit.trainable:
-            return
+        if not self._eager_active or not unit.trainable or not unit.complete:
+            return  # a unit reduced before all its gradients were seen is stepped after backward
         idx = self._flat_indices(unit)
         grads = self._grad_shards()
         self.host.grads_down(idx, grads, torch.tensor(1.0 / self.loss_scaler.scale))
@@ -586,6 +677,8 @@ class ZeroEngine:
     def _finish_step(self) -> None:
         self.zero_grad()
         self._eager_submitted.clear()
+        self._eager_trusted = self._backwards_in_micro == 1
+        self.runtime.new_step()
         self.global_steps += 1
         self._last_comm = self.comm.take_totals()
         self.runtime.read_ahead_for_forward()  # parameter offload to NVMe: the next forward's first shards
@@ -607,7 +700,7 @@ class ZeroEngine:
         self.flush_pending_update()
         master_bytes = sum(f.shard_numel * 4 for f in self._trainable_flats if not f.master_is_shard)
         state_bytes = 0
-        for state in self.optimizer.state.values():
+        for state in (self.optimizer.state.values() if self.optimizer is not None else ()):
             for v in state.values():
                 if torch.is_tensor(v):
                     state_bytes += v.numel() * v.element_size()

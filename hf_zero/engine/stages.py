@@ -6,13 +6,26 @@ Note:
       for the whole accumulation window and reduce at the boundary (``reduce_boundary``); stages
       2 and 3 allocate it per backward and reduce-scatter it into the rank's shard accumulator as
       soon as the unit is done, then free it.
-    * Ordering: every rank must issue the same collectives in the same order. Units are reduced
-      in *backward order* (the reverse of this step's forward order, root last). A unit counts as
-      done when all its trainable parameters got a gradient (countdown), or when backward reaches
-      the next unit, or when backward ends, whichever comes first; reductions are always issued
-      as a prefix of the backward order. So a parameter that gets no gradient on some rank (an
-      unused MoE expert) delays its unit's reduction a little instead of hanging the job, and its
-      gradient counts as zero on that rank.
+    * Ordering: every rank must issue the same collectives in the same order. Stages 2-3 reduce
+      the units in one fixed *reduction order*, the reverse of the model's module order with the
+      root last, the same on every rank whatever each rank's control flow (a unit a rank did not
+      run this step is reduced there with a zero gradient, in its place). Reductions are always
+      issued as a prefix of that order: a unit that is not ready holds back the ones after it.
+    * The reduction rule: a unit is reduced when its gradient is complete for *this* backward.
+      Forward counts its *uses*: each call whose outputs require grad (armed until the first
+      gradient reaches one of its outputs), and each no-grad call inside a training forward
+      (reentrant activation checkpointing: replayed with grad inside backward). A unit is ready
+      when no counted use is still to come and either every trainable parameter got its gradient
+      after its last use began (a parameter's accumulate-grad hook fires once per graph task, once
+      all its uses are summed), or backward has begun another unit's use since (a parameter that
+      gets no gradient on this rank: an unused MoE expert counts as zero), or backward ends. A unit
+      no use of which is pending or ran in this backward gets no gradient: it is ready at once.
+      Uses still armed at an optimizer step (outputs never backwarded) are forgotten there.
+    * A gradient that arrives for a unit already reduced in this backward (a use the counting
+      missed: a ``retain_graph`` graph run again by ``loss.backward()``, a parameter used outside
+      its unit's forward) is kept apart; at the end of backward all ranks agree (one max
+      all-reduce of a flag per unit) which units have such *late* gradients, and reduce-scatter
+      them, in reduction order, into the shard accumulators. Never an error, never lost.
     * Stage 3 lifecycle per unit: SHARDED -> (gather) -> GATHERED -> (release) -> SHARDED, with
       GATHERING while a prefetch is in flight. Forward gathers each unit on entry (prefetching
       the unit that ran next in the previous step) and releases it on exit; backward gathers on
@@ -26,6 +39,14 @@ Note:
       units; the root is not released between a training forward and its backward.
     * Activation checkpointing: a forward that runs inside backward (recomputation) gathers its
       unit but never releases it; backward releases it like any other.
+    * Use outside the unit's own forward (see :mod:`hf_zero.engine.access`): a parameter whose
+      unit is sharded, touched during the engine's forward (a parent module using a child unit's
+      weight after the child ran), is gathered on demand and its unit becomes *sticky*: only
+      the end of backward (or of a no-grad forward) releases it. A forward output that aliases
+      the unit's own parameters (a module returning its weight) is replaced by a copy before
+      the unit is released, so the caller never holds freed storage.
+    * Pins: a unit with ``pins > 0`` (inside ``hf_zero.gathered_parameters`` or a gather-once
+      ``generate``) is never released; the context that pinned it releases it afterwards.
     * All collectives go through :class:`~hf_zero.engine.collectives.Collectives`.
 """
 
@@ -77,10 +98,32 @@ class Unit:
         self.waiting: set = set()
         self.reduced = False
         self.fresh: set = set()  # flat indices whose shard accumulator holds zeros
+        # the reduction rule (see the module docstring)
+        self.pending_uses = 0  # armed forward uses whose backward has not begun
+        self.silent_uses = 0  # no-grad calls in a training forward, to be replayed in backward
+        self.replaying = False  # the recomputation now running replays a silent use
+        self.active = False  # a use of it began in this backward
+        self.start_event = -1  # the runtime's event count when its latest use began
+        self.complete = False  # reduced because every parameter's gradient had arrived
+        self.late: Dict[int, torch.Tensor] = {}  # flat index -> gradient that came after reduction
+        self.pins = 0  # open gathered_parameters contexts (and gather-once generates) holding it
+        self.sticky = False  # gathered on demand in this forward: kept until backward ends
 
     @property
     def state(self) -> FlatState:
         return self.flats[0].state if self.flats else FlatState.GATHERED
+
+
+class _Use:
+    """One forward call of a unit whose outputs require grad. ``armed`` while it counts in the
+    unit's ``pending_uses``; ``started`` once backward reached one of its outputs."""
+
+    __slots__ = ("unit", "armed", "started")
+
+    def __init__(self, unit: Unit):
+        self.unit = unit
+        self.armed = False
+        self.started = False
 
 
 class StageRuntime:
@@ -97,6 +140,7 @@ class StageRuntime:
         predivide: float,
         prefetch: bool = True,
         shard_source=None,
+        check_unit_order: bool = True,
     ):
         self.units = list(units)
         self.comm = comm
@@ -105,6 +149,8 @@ class StageRuntime:
         self.accum_dtype = accum_dtype
         self.predivide = predivide
         self.prefetch_enabled = prefetch and stage == 3
+        # stage 3: before each all-gather, all ranks agree that they gather the same unit
+        self.check_unit_order = check_unit_order and stage == 3 and comm.world_size > 1
         # Stage 3 with parameter offload to NVMe: shards come from here (acquire / release /
         # prefetch / read_ahead_units, see hf_zero.offload.param_swap).
         self.shard_source = shard_source
@@ -117,12 +163,21 @@ class StageRuntime:
         self._hook_handles: list = []
         self.forward_order: List[Unit] = []
         self.last_forward_order: List[Unit] = []
-        self.backward_order: List[Unit] = []
+        self.backward_order: List[Unit] = []  # expected execution order (stage 3 prefetch)
+        # stages 2-3 reduce in this order on every rank (see the module docstring)
+        self.reduce_order: List[Unit] = [u for u in reversed(self.units) if not u.is_root] + [self.root]
         self._reduced_upto = 0
+        self._event = 0  # counts use starts in backward
+        self._training_forward = False  # inside a grad-enabled forward of the root
+        self.retain_uses = False  # engine.backward(retain_graph=True): the graph may run again
+        self._started: List[_Use] = []  # uses begun in this backward
+        self.last_late: List[Unit] = []  # units reduced late at the end of the last backward
+        self.reduced_early = 0  # units the last backward reduced before its end (overlap)
         self._in_backward_step = False
         self.on_backward_end: Optional[Callable[[], None]] = None
         self.on_unit_reduced: Optional[Callable[[Unit], None]] = None  # e.g. start its CPU step
         self._pending: list = []  # reduce-scatters in flight: (handle, full, out, acc, direct)
+        self.in_forward = False  # between the root's forward pre-hook and its forward hook
         self.max_pending_reductions = 2  # full gradient buffers kept alive by them, at most
 
     # ------------------------------------------------------------------------------ install
@@ -155,6 +210,7 @@ class StageRuntime:
                 u.grad_shard.clear()  # stage 1: the boundary's reduce-scatter output
             else:
                 u.grad_full.clear()  # per-backward buffers
+                u.late.clear()
                 for fi, t in u.grad_shard.items():
                     t.zero_()
                     u.fresh.add(fi)
@@ -173,6 +229,7 @@ class StageRuntime:
         if unit.state is FlatState.GATHERING:
             self.wait(unit)
             return
+        self._agree_on_unit(unit)
         for f in unit.flats:
             f.alloc_full()
             host = f.shard if self.shard_source is None else self.shard_source.acquire(f)
@@ -190,6 +247,31 @@ class StageRuntime:
             f.state = FlatState.GATHERING
         if not async_op:
             self.wait(unit)
+
+    def _agree_on_unit(self, unit: Unit) -> None:
+        """Stage 3: every rank must gather the same unit at the same point, or the all-gathers
+        pair different units' shards (wrong weights, or a size mismatch that aborts gloo).
+        Ranks that run different units (rank-dependent control flow: a layer skipped on one
+        rank, LayerDrop with per-rank randomness) are not supported at stage 3, so one small
+        control all-reduce of every rank's unit index, before the data moves, turns that into
+        the same clear error on every rank."""
+        if not self.check_unit_order:
+            return
+        device = unit.flats[0].device if unit.flats else torch.device("cpu")
+        mine = torch.zeros(self.comm.world_size, dtype=torch.int64, device=device)
+        mine[self.comm.rank] = unit.index + 1
+        self.comm.all_reduce(mine, op="sum", control=True)
+        seen = mine.tolist()
+        if any(i != unit.index + 1 for i in seen):
+            by_index = {u.index + 1: u.name for u in self.units}
+            what = ", ".join(f"rank {r}: {by_index.get(i, 'nothing')}" for r, i in enumerate(seen))
+            raise RuntimeError(
+                f"hf_zero: ZeRO stage 3 needs every rank to run the same units in the same order, but the "
+                f"ranks are about to gather different units ({what}). The model's control flow depends on "
+                "the rank or its data (a layer skipped on some ranks, LayerDrop with per-rank randomness): "
+                "use stage 2 (which supports it), or make the choice the same on every rank (e.g. seed "
+                "LayerDrop's generator identically on all ranks)"
+            )
 
     def wait(self, unit: Unit) -> None:
         for h in unit.handles:
@@ -217,28 +299,48 @@ class StageRuntime:
         upcoming = order[start : start + (count or self.shard_source.read_ahead_units)]
         self.shard_source.prefetch([f for u in upcoming if u.state is FlatState.SHARDED for f in u.flats])
 
-    def release(self, unit: Unit) -> None:
-        if self.stage != 3 or unit.state is FlatState.SHARDED:
+    def release(self, unit: Unit, force: bool = False) -> None:
+        """Free ``unit``'s gathered parameters, unless it is pinned, or sticky (gathered on
+        demand in this forward) and not ``force``-d."""
+        if self.stage != 3 or unit.state is FlatState.SHARDED or unit.pins:
+            return
+        if unit.sticky and not force:
             return
         self.wait(unit)
+        unit.sticky = False
         for f in unit.flats:
             f.free_full()
 
     def release_all(self) -> None:
         for u in self.units:
-            self.release(u)
+            self.release(u, force=True)
+
+    def gather_on_demand(self, unit: Unit) -> bool:
+        """A parameter of sharded ``unit`` is used by an operation. Inside the engine's forward
+        (or a recomputation in backward) gather the unit and keep it until backward ends
+        (True); elsewhere nothing can be gathered safely (False: the caller raises)."""
+        if self.stage != 3 or not (self.in_forward or in_backward()):
+            return False
+        self.gather(unit)
+        unit.sticky = True
+        return True
 
     # ------------------------------------------------------------------------------ forward
     def _make_pre_forward(self, unit: Unit):
         def hook(module, args):
             if in_backward():  # activation-checkpoint recomputation
+                self._note_replay(unit)
                 self.gather(unit)
                 return None
             if unit.is_root:
                 self.last_forward_order = self.forward_order or self.last_forward_order
                 self.forward_order = []
+                self._training_forward = torch.is_grad_enabled()
+                self.in_forward = True
             else:
                 self.forward_order.append(unit)
+                if self._training_forward and not torch.is_grad_enabled():
+                    unit.silent_uses += 1  # reentrant checkpointing: replayed in backward
             self.gather(unit)
             order = self.last_forward_order  # this forward is expected to follow the last one
             nxt = 0 if unit.is_root else self._after(order, unit)
@@ -254,31 +356,87 @@ class StageRuntime:
             if in_backward():
                 # Recomputation inside backward: keep the unit gathered; its backward follows.
                 if unit is not self.root:
-                    self._register_output_hooks(unit, output)
+                    self._register_output_hooks(unit, output, armed=unit.replaying)
+                    unit.replaying = False
                 return None
             if unit.is_root:
-                for u in self.units:  # prefetched but not run this time
+                self._training_forward = False
+                self.in_forward = False
+                grad = torch.is_grad_enabled()
+                for u in self.units:  # prefetched but not run this time (and, without grad, sticky)
                     if u is not self.root:
-                        self.release(u)
-                if torch.is_grad_enabled():  # backward starts with the last units of this forward
+                        self.release(u, force=not grad)
+                if grad:  # backward starts with the last units of this forward
                     self._read_ahead(self.forward_order[::-1], 0)
+            replaced = self._copy_aliases(unit, output) if self.stage == 3 else None
+            if replaced is not None:
+                output = replaced
             hooked = torch.is_grad_enabled() and self._register_output_hooks(unit, output)
             # The root stays gathered until backward ends when its outputs cannot be seen, and,
             # with shards on NVMe, always after a training forward: backward needs it first, so
             # keeping it saves a read of the (usually largest) unit per step.
             if not (unit.is_root and torch.is_grad_enabled() and (not hooked or self.shard_source is not None)):
-                self.release(unit)
-            return None
+                self.release(unit, force=unit.is_root and not torch.is_grad_enabled())
+            return replaced
 
         return hook
 
-    def _register_output_hooks(self, unit: Unit, output) -> bool:
+    @staticmethod
+    def _copy_aliases(unit: Unit, output):
+        """``output`` with every tensor that shares storage with ``unit``'s flat buffers (its
+        own parameters or views of them) replaced by a copy (differentiable, so gradients still
+        reach the parameters), or None when nothing aliases them."""
+        storages = {f.full.untyped_storage().data_ptr() for f in unit.flats}
+        storages.discard(0)
+        if not storages:
+            return None
+        changed = []
+
+        def fix(obj):
+            if isinstance(obj, torch.Tensor):
+                if obj.untyped_storage().data_ptr() in storages:
+                    changed.append(True)
+                    return obj.clone()
+                return obj
+            if type(obj) in (tuple, list):
+                return type(obj)(fix(o) for o in obj)
+            if isinstance(obj, dict):  # in place: keeps dict subclasses (ModelOutput) intact
+                for k in list(obj.keys()):
+                    v = fix(obj[k])
+                    if v is not obj[k]:
+                        obj[k] = v
+                return obj
+            return obj
+
+        with torch._C.DisableTorchFunctionSubclass():
+            out = fix(output)
+        return out if changed else None
+
+    def _register_output_hooks(self, unit: Unit, output, armed: bool = True) -> bool:
+        """Hook every output of this call that requires grad; with ``armed``, count the call as
+        a use of ``unit`` whose backward is to come. False when no output requires grad."""
+        use = _Use(unit)
         hooked = False
         for t in _tensors_in(output):
             if t.requires_grad:
-                t.register_hook(lambda grad, u=unit: self._pre_backward(u))
+                t.register_hook(lambda grad, use=use: self._pre_backward(use))
                 hooked = True
+        if hooked and armed:
+            use.armed = True
+            unit.pending_uses += 1
         return hooked
+
+    def _note_replay(self, unit: Unit) -> None:
+        """A forward of ``unit`` inside backward: if a silent use (a no-grad call of a training
+        forward) is waiting, this recomputation replays it and its outputs' use will count."""
+        if unit.silent_uses > 0 and not unit.replaying:
+            unit.silent_uses -= 1
+            unit.replaying = True
+            # backward has moved on to this unit: reduce what is ready before it gathers, as a
+            # use start does, so every rank issues the same reductions before this all-gather
+            self._begin_backward()
+            self._event += 1
+            self._advance()
 
     @staticmethod
     def _after(order: List[Unit], unit: Unit) -> int:
@@ -299,22 +457,41 @@ class StageRuntime:
         order += [u for u in reversed(self.units) if id(u) not in seen and not u.is_root]
         self.backward_order = order + [self.root]
         self._reduced_upto = 0
+        self.reduced_early = 0
         for u in self.units:
             u.waiting = set(u.expected)
             u.reduced = False
+            u.active = False
+            u.complete = False
         torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward_callback)
 
     def _end_of_backward_callback(self) -> None:
         if self.on_backward_end is not None:
             self.on_backward_end()
 
-    def _pre_backward(self, unit: Unit) -> None:
+    def _pre_backward(self, use: _Use) -> None:
+        """The first gradient reached an output of ``use``: its unit's backward use begins."""
         self._begin_backward()
+        unit = use.unit
+        if not use.started:  # (else: another output of a use already begun)
+            use.started = True
+            self._started.append(use)
+            if use.armed:
+                use.armed = False
+                unit.pending_uses -= 1
+            unit.waiting = set(unit.expected)
+        # An event: units whose last use began before it are done (if their countdown did not
+        # say so already). Every all-gather in backward follows an event and the reductions it
+        # makes ready, so all ranks issue the same reductions between two all-gathers.
+        self._event += 1
+        unit.start_event = self._event
+        unit.active = True
         if unit.is_root:
             self.gather(unit)
             return
         pos = self._position(unit)
-        self.flush(pos, release=True)
+        self._release_before(pos)
+        self._advance()
         self.gather(unit)
         self._read_ahead(self.backward_order[:-1], pos + 1)
         if self.prefetch_enabled and pos + 1 < len(self.backward_order) - 1:
@@ -326,56 +503,115 @@ class StageRuntime:
                 return i
         raise RuntimeError(f"unit {unit.name} is not in this step's backward order")
 
+    def _release_before(self, pos: int) -> None:
+        """Stage 3: free the units before ``pos`` in the backward order (backward moved past
+        them; one used again later in this backward is gathered again then)."""
+        for u in self.backward_order[:pos]:
+            if not u.is_root:
+                self.release(u)
+
     def _on_grad(self, param: nn.Parameter) -> None:
         self._begin_backward()
         unit, fi, pi = self._slot[id(param)]
-        if unit.reduced and self.stage >= 2:
-            raise RuntimeError(
-                f"hf_zero: a gradient for {unit.flats[fi].names[pi]} arrived after its unit "
-                f"{unit.name} was reduced. The model's backward does not follow its forward "
-                "unit by unit; please report this model."
-            )
+        late = unit.reduced and self.stage >= 2
+        store = unit.late if late else unit.grad_full
         f = unit.flats[fi]
-        buf = unit.grad_full.get(fi)
+        buf = store.get(fi)
         if buf is None:
             dtype = (self.comm_dtype or f.dtype) if self.stage >= 2 else (self.accum_dtype or f.dtype)
             buf = torch.zeros(f.padded_numel, dtype=dtype, device=f.device)
-            unit.grad_full[fi] = buf
+            store[fi] = buf
         with torch.no_grad():
             f.param_view(buf, pi).add_(param.grad)
         param.grad = None
+        if late:
+            return
         unit.waiting.discard(id(param))
         # The root's parameters (head, embeddings) can be done long before the layers', so only
         # the end of backward reduces the root.
         if self.stage >= 2 and not unit.waiting and not unit.is_root:
-            self.flush(self._position(unit) + 1, release=False)
+            self._advance()
 
-    def flush(self, upto: int, release: bool) -> None:
-        """Reduce (stages 2-3) the units before position ``upto`` of the backward order, in
-        order; with ``release``, also free their gathered parameters (stage 3)."""
-        for i in range(self._reduced_upto, upto):
-            unit = self.backward_order[i]
-            if self.stage >= 2:
-                self.reduce_unit(unit)
-            unit.reduced = True
-            if self.on_unit_reduced is not None and self.stage >= 2:
-                self.wait_reductions()
-                self.on_unit_reduced(unit)
-        self._reduced_upto = max(self._reduced_upto, upto)
-        if release:
-            for i in range(upto):
-                u = self.backward_order[i]
-                if not u.is_root:
-                    self.release(u)
+    def _ready(self, unit: Unit) -> bool:
+        """Whether ``unit``'s gradient is complete for this backward (the module docstring)."""
+        if unit.pending_uses > 0 or unit.silent_uses > 0 or unit.replaying:
+            return False
+        if not unit.active or not unit.waiting:
+            return True
+        return self._event > unit.start_event  # backward began another unit's use since
+
+    def _advance(self) -> None:
+        """Stages 2-3: reduce, in reduction order, the ready units from the first one not yet
+        reduced (the root waits for the end of backward)."""
+        if self.stage < 2:
+            return
+        last = len(self.reduce_order) - 1
+        while self._reduced_upto < last and self._ready(self.reduce_order[self._reduced_upto]):
+            self._reduce_next()
+            self.reduced_early += 1
+
+    def _reduce_next(self) -> None:
+        unit = self.reduce_order[self._reduced_upto]
+        self._reduced_upto += 1
+        unit.complete = (unit.active and not unit.waiting and unit.pending_uses == 0
+                         and unit.silent_uses == 0 and not unit.replaying)
+        self.reduce_unit(unit)
+        unit.reduced = True
+        if self.on_unit_reduced is not None:
+            self.wait_reductions()
+            self.on_unit_reduced(unit)
 
     def finish_backward(self) -> None:
-        """Reduce everything not reduced yet and release every unit. Idempotent."""
+        """Reduce everything not reduced yet (and what came late), release every unit, and
+        forget this backward's uses. Idempotent."""
         if not self._in_backward_step:
             return
-        self.flush(len(self.backward_order), release=True)
-        self.wait_reductions()
+        if self.stage >= 2:
+            while self._reduced_upto < len(self.reduce_order):
+                self._reduce_next()
+            self.wait_reductions()
+            self.last_late = self._reduce_late()
         self.release_all()
+        for use in self._started:
+            use.started = False
+            if self.retain_uses and not use.armed:  # its graph may run backward again
+                use.armed = True
+                use.unit.pending_uses += 1
+        self._started.clear()
+        for u in self.units:
+            u.active = False
         self._in_backward_step = False
+
+    def _reduce_late(self) -> List[Unit]:
+        """Stages 2-3, end of backward: all ranks agree which units got gradients after their
+        reduction, and reduce-scatter those (zeros where a rank has none) in reduction order."""
+        order = self.reduce_order
+        if self.comm.world_size > 1:
+            device = next((f.device for u in self.units for f in u.flats), torch.device("cpu"))
+            flags = torch.tensor([1.0 if u.late else 0.0 for u in order], device=device)
+            self.comm.all_reduce(flags, op="max", control=True)
+            late = [u for u, flag in zip(order, flags.tolist()) if flag > 0]
+        else:
+            late = [u for u in order if u.late]
+        for unit in late:
+            for fi, f in enumerate(unit.flats):
+                if not f.trainable:
+                    continue
+                full = unit.late.pop(fi, None)
+                if full is None:
+                    full = torch.zeros(f.padded_numel, dtype=self.comm_dtype or f.dtype, device=f.device)
+                self._reduce_scatter_into(unit, fi, full, async_op=True)
+        self.wait_reductions()
+        return late
+
+    def new_step(self) -> None:
+        """After an optimizer step: forget uses still counted (forward outputs never
+        backwarded), so they cannot hold back the next step's reductions."""
+        for u in self.units:
+            u.pending_uses = 0
+            u.silent_uses = 0
+            u.replaying = False
+        self._training_forward = False
 
     # ------------------------------------------------------------------------------ reduction
     def _shard_accumulator(self, unit: Unit, fi: int) -> torch.Tensor:
