@@ -129,6 +129,9 @@ class ZeroEngine:
         self.units = self._build_units()
         self._guard_parameters()
         self.pieces: List[Piece] = self._build_pieces()
+        optimized = param_group_index(self.optimizer) if self.optimizer is not None else None
+        self._every_trainable_optimized = optimized is None or all(
+            id(p) in optimized for f in self._trainable_flats for p in f.params)
         if self.optimizer is not None:
             repoint_optimizer(self.optimizer, self.pieces)
         self.lr_scheduler = self._make_scheduler(lr_scheduler)
@@ -517,6 +520,16 @@ class ZeroEngine:
                 out.append(g)
         return out
 
+    def _optimized_grads(self, grads: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The entries of ``grads`` that belong to parameters the optimizer steps: the gradient
+        norm (clipping, the non-finite check) is taken over these only, as DeepSpeed's is over its
+        optimizer's groups. A trainable parameter left out of ``model_parameters`` / the client
+        optimizer neither counts nor moves. ``grads`` is ``_grad_shards()``, indexed like
+        ``_trainable_flats`` (the pieces' ``flat_index``)."""
+        if self._every_trainable_optimized:
+            return grads
+        return [grads[p.flat_index][p.start:p.end] for p in self.pieces]
+
     @torch.no_grad()
     def _optimizer_step(self) -> None:
         if self.stage <= 1:
@@ -530,7 +543,7 @@ class ZeroEngine:
             if bool(overflow.item()):
                 self._skip_step("gradient overflow (inf/NaN) in fp16")
                 return
-        norm_sq = global_grad_norm_sq(grads).to(self.device)
+        norm_sq = global_grad_norm_sq(self._optimized_grads(grads)).to(self.device)
         if self.stage >= 1:
             self.comm.all_reduce(norm_sq, op="sum", control=True)
         if self.skip_policy is not None and not bool(torch.isfinite(norm_sq).item()):
