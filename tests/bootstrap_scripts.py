@@ -68,19 +68,26 @@ if __name__ == "__main__":
     main()
 '''
 
-#: TRL: SFTConfig parsed by TrlParser-free HfArgumentParser, a stock SFTTrainer on a
-#: pre-tokenized dataset.
+#: TRL: SFTConfig parsed by HfArgumentParser, a stock SFTTrainer on a pre-tokenized dataset with a
+#: word-level tokenizer built in place (no download).
 SFT = COMMON + '''
 from datasets import Dataset
-from transformers import HfArgumentParser
+from tokenizers import Tokenizer, models as tm
+from transformers import HfArgumentParser, PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
+
+
+def tokenizer():
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tm.WordLevel(vocab, unk_token="t1")),
+                                   pad_token="t0", eos_token="t2", unk_token="t1")
 
 
 def main():
     (args,) = HfArgumentParser(SFTConfig).parse_args_into_dataclasses()
     ids = samples(48).tolist()
     data = Dataset.from_dict({"input_ids": ids})
-    trainer = SFTTrainer(model=build_model(), args=args, train_dataset=data)
+    trainer = SFTTrainer(model=build_model(), args=args, train_dataset=data, processing_class=tokenizer())
     trainer.train()
     write(args.output_dir, args.process_index, {
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
