@@ -249,6 +249,7 @@ def test_transformers_docs_config(tmp_path, reference_docs, stage):
 
 
 # ------------------------------------------------------------------------------------ Accelerate script
+@pytest.mark.slow
 @pytest.mark.parametrize("route, cfg", [("accelerate", S.zero_cfg(2)), ("torchrun", _offload_cfg(2))],
                          ids=["accelerate-stage2", "torchrun-stage2-offload"])
 def test_stock_accelerator_script(tmp_path, route, cfg):
