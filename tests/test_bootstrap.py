@@ -248,6 +248,33 @@ def test_transformers_docs_config(tmp_path, reference_docs, stage):
         assert "param=cpu" in p.stdout + p.stderr
 
 
+@pytest.mark.slow
+def test_trl_sft_script_torchrun_stage2(tmp_path):
+    """A stock TRL script (SFTConfig through HfArgumentParser, a stock SFTTrainer, no hf_zero in
+    it) with ``--deepspeed zero.json``: hf_zero runs it (the trainer class is still an
+    SFTTrainer); losses equal a plain one-process SFTTrainer's."""
+    trl = pytest.importorskip("trl", reason="trl is not installed (optional: pip install -e .[trl])")
+    from datasets import Dataset
+
+    ns: dict = {}
+    exec(compile(B.SFT.split("def main")[0], "bootstrap_scripts.SFT", "exec"), ns)  # the script's tokenizer()
+    args = trl.SFTConfig(**S.trainer_kwargs(tmp_path / "ref", 4), bf16=False, max_length=None)
+    ref = trl.SFTTrainer(model=S.build("llama"), args=args, processing_class=ns["tokenizer"](),
+                         train_dataset=Dataset.from_dict({"input_ids": S.samples(48).tolist()}))
+    ref.train()
+    reference = S.logged_losses(ref)
+
+    (tmp_path / "sft.py").write_text(B.SFT)
+    (tmp_path / "zero.json").write_text(json.dumps(S.zero_cfg(2)))
+    out = tmp_path / "out"
+    cmd = [*_launcher("torchrun"), "sft.py", "--output_dir", out, "--deepspeed", tmp_path / "zero.json",
+           "--bf16", "false", *TRAIN_ARGS, *_steps(STEPS)]
+    p = _run(cmd, _env(), tmp_path)
+    for res in _results(out):
+        assert "SFTTrainer" in res["trainer"]
+    _check_trainer_run(p, out, reference, 2, STEPS)
+
+
 # ------------------------------------------------------------------------------------ Accelerate script
 @pytest.mark.slow
 @pytest.mark.parametrize("route, cfg", [("accelerate", S.zero_cfg(2)), ("torchrun", _offload_cfg(2))],
