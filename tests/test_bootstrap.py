@@ -321,3 +321,82 @@ def test_micro_batch_is_the_train_loaders(micro):
         assert acc.zero_engine.global_steps == 1
     finally:
         acc.free_memory()
+
+
+# ------------------------------------------------------------------------------------ hf-zero launch
+DS_YAML = """compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  deepspeed_config_file: {file}
+  zero3_init_flag: false
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+main_process_port: {port}
+mixed_precision: '{mp}'
+use_cpu: true
+"""
+
+
+@pytest.mark.slow
+def test_hf_zero_launch_accelerate_deepspeed_yaml(tmp_path, reference_docs):
+    """``hf-zero launch --config_file accel.yaml train.py ...`` with ``distributed_type: DEEPSPEED``
+    and a ``deepspeed_config_file`` (relative to the YAML's folder): 2 processes on hf_zero with
+    that config; losses equal the one-process run, the checkpoint is stage 2's."""
+    (tmp_path / "train.py").write_text(B.TRAINER)
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "ds_zero2.json").write_text((FIXTURES / "ds_config_zero2.json").read_text())
+    (tmp_path / "cfg" / "accel.yaml").write_text(DS_YAML.format(file="ds_zero2.json", port=free_port(), mp="no"))
+    out = tmp_path / "out"
+    cmd = [BIN / "hf-zero", "launch", "--config_file", tmp_path / "cfg" / "accel.yaml", "train.py",
+           "--output_dir", out, *TRAIN_ARGS, *_steps(DOCS_STEPS)]
+    p = _run(cmd, _env(), tmp_path)
+    assert f"config {tmp_path / 'cfg' / 'ds_zero2.json'}" in p.stderr
+    _check_trainer_run(p, out, reference_docs, 2, DOCS_STEPS, offload="cpu")
+
+
+def test_launch_reads_the_yaml(tmp_path):
+    """What ``hf-zero launch`` takes from the YAML (processes, machines, mixed precision, the
+    config file or accelerate's inline keys) and what it refuses, naming the key."""
+    from hf_zero.cli_launch import LaunchConfigError, launch_command, read_config
+
+    ds = tmp_path / "zero.json"
+    ds.write_text(json.dumps(S.zero_cfg(3)))
+    y = tmp_path / "a.yaml"
+    y.write_text(DS_YAML.format(file=ds, port=4321, mp="bf16").replace("num_machines: 1", "num_machines: 2")
+                 .replace("num_processes: 2", "num_processes: 8").replace("machine_rank: 0", "machine_rank: 1")
+                 + "main_process_ip: 10.0.0.1\n")
+    plan = read_config(str(y))
+    assert (plan.num_processes, plan.nproc_per_node, plan.num_machines, plan.machine_rank) == (8, 4, 2, 1)
+    assert plan.mixed_precision == "bf16" and plan.use_cpu and plan.zero_config == str(ds.resolve())
+    cmd, env = launch_command(plan, ["train.py", "--lr", "1"], env={"ACCELERATE_USE_DEEPSPEED": "true"})
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc_per_node", "4", "--nnodes", "2", "--node_rank", "1",
+                       "--master_addr", "10.0.0.1", "--master_port", "4321", "-m", "hf_zero.run", "train.py",
+                       "--lr", "1"]
+    assert env["HF_ZERO_CONFIG"] == str(ds.resolve()) and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert env["ACCELERATE_USE_CPU"] == "true" and "ACCELERATE_USE_DEEPSPEED" not in env
+
+    inline = tmp_path / "inline.yaml"
+    inline.write_text("distributed_type: DEEPSPEED\nnum_processes: 2\ndeepspeed_config:\n  zero_stage: 3\n"
+                      "  offload_optimizer_device: cpu\n  offload_param_device: none\n"
+                      "  gradient_accumulation_steps: 4\n  zero3_init_flag: true\n")
+    cfg = json.loads(read_config(str(inline)).zero_config)
+    assert cfg == {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+                   "gradient_accumulation_steps": 4}
+
+    bad = tmp_path / "bad.yaml"
+    for text, match in [
+        ("distributed_type: MULTI_GPU\n", r"distributed_type is 'MULTI_GPU'.*accelerate launch"),
+        ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: nope.json\n",
+         r"deepspeed_config_file='nope.json' not found"),
+        ("distributed_type: DEEPSPEED\ndeepspeed_config: {}\n", r"neither deepspeed_config_file nor zero_stage"),
+        ("distributed_type: DEEPSPEED\nnum_processes: 3\nnum_machines: 2\nmain_process_ip: h\n"
+         "deepspeed_config: {zero_stage: 2}\n", r"num_processes=3 .* not a multiple of num_machines=2"),
+        ("distributed_type: DEEPSPEED\nmixed_precision: fp8\ndeepspeed_config: {zero_stage: 2}\n",
+         r"mixed_precision='fp8'"),
+        ("distributed_type: DEEPSPEED\ndeepspeed_config: {zero_stage: 2, offload_optimizer_device: nvme}\n",
+         r"offload_optimizer_nvme_path"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(LaunchConfigError, match=match):
+            read_config(str(bad))
