@@ -355,7 +355,7 @@ def test_hf_zero_launch_accelerate_deepspeed_yaml(tmp_path, reference_docs):
     _check_trainer_run(p, out, reference_docs, 2, DOCS_STEPS, offload="cpu")
 
 
-def test_launch_reads_the_yaml(tmp_path):
+def test_launch_reads_the_yaml(tmp_path, monkeypatch):
     """What ``hf-zero launch`` takes from the YAML (processes, machines, mixed precision, the
     config file or accelerate's inline keys) and what it refuses, naming the key."""
     from hf_zero.cli_launch import LaunchConfigError, launch_command, read_config
@@ -383,6 +383,17 @@ def test_launch_reads_the_yaml(tmp_path):
     cfg = json.loads(read_config(str(inline)).zero_config)
     assert cfg == {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
                    "gradient_accumulation_steps": 4}
+
+    import hf_zero.cli_launch
+    from hf_zero import cli
+
+    seen = {}
+    monkeypatch.setattr(hf_zero.cli_launch, "main", lambda config_file, target, **kw: seen.update(
+        config_file=config_file, target=target, **kw) or 0)
+    assert cli.main(["launch", "--config_file", str(y), "--main_process_port", "5", "-m", "pkg.train",
+                     "--config_file", "x"]) == 0
+    assert seen == {"config_file": str(y), "target": ["-m", "pkg.train", "--config_file", "x"],  # its own flags
+                    "num_processes": None, "main_process_port": 5}
 
     bad = tmp_path / "bad.yaml"
     for text, match in [
