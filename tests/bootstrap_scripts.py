@@ -152,3 +152,32 @@ def main():
 if __name__ == "__main__":
     main()
 '''
+
+#: A stock Accelerator given accelerate's own ``DeepSpeedPlugin(hf_ds_config=path)`` (argv[1]);
+#: one optimizer step; argv[2] is the output folder.
+DEEPSPEED_PLUGIN = COMMON + '''
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin
+from torch.utils.data import DataLoader
+
+
+def main():
+    accelerator = Accelerator(cpu=True, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=sys.argv[1]))
+    model = build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    dl = DataLoader([{"input_ids": x, "labels": x.clone()} for x in samples(8)], batch_size=4)
+    model, opt, dl = accelerator.prepare(model, opt, dl)
+    batch = next(iter(dl))
+    loss = model(**batch).loss
+    accelerator.backward(loss)
+    opt.step()
+    engine = getattr(accelerator, "zero_engine", None)
+    write(sys.argv[2], accelerator.process_index, {
+        "accelerator": classes(accelerator), "loss": loss.item(),
+        "stage": getattr(engine, "stage", None), "steps": getattr(engine, "global_steps", None),
+        "micro": getattr(getattr(accelerator, "zero_config", None), "train_micro_batch_size_per_gpu", None)})
+
+
+if __name__ == "__main__":
+    main()
+'''

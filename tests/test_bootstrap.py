@@ -411,3 +411,45 @@ def test_launch_reads_the_yaml(tmp_path, monkeypatch):
         bad.write_text(text)
         with pytest.raises(LaunchConfigError, match=match):
             read_config(str(bad))
+
+
+def test_accelerate_deepspeed_settings_become_hf_zero_config(tmp_path, monkeypatch):
+    """accelerate's DeepSpeed settings name the config hf_zero takes: the launcher's
+    ``ACCELERATE_USE_DEEPSPEED`` + ``ACCELERATE_DEEPSPEED_CONFIG_FILE`` (then switched off), and a
+    ``DeepSpeedPlugin(hf_ds_config=...)`` given to a stock Accelerator."""
+    from types import SimpleNamespace
+
+    from hf_zero.integrations.bootstrap import accelerator_config, adopt_accelerate_deepspeed_env
+
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "/x/zero.json"}
+    adopt_accelerate_deepspeed_env(env)
+    assert env == {"ACCELERATE_USE_DEEPSPEED": "false", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "/x/zero.json",
+                   "HF_ZERO_CONFIG": "/x/zero.json"}
+    with pytest.raises(ValueError, match=r"without a config file.*deepspeed_config_file: zero.json"):
+        adopt_accelerate_deepspeed_env({"ACCELERATE_USE_DEEPSPEED": "true"})
+    untouched = {"ACCELERATE_USE_DEEPSPEED": "false"}
+    adopt_accelerate_deepspeed_env(untouched)
+    assert untouched == {"ACCELERATE_USE_DEEPSPEED": "false"}
+
+    monkeypatch.delenv("HF_ZERO_CONFIG", raising=False)
+    assert accelerator_config({"gradient_accumulation_steps": 2}) == (False, None)
+    cfg = {"zero_optimization": {"stage": 3}, "steps_per_print": float("inf")}
+    plugin = SimpleNamespace(hf_ds_config=SimpleNamespace(config=cfg))
+    assert accelerator_config({"deepspeed_plugin": plugin}) == (True, {"zero_optimization": {"stage": 3}})
+    with pytest.raises(ValueError, match=r"DeepSpeedPlugin\(hf_ds_config='zero.json'\)"):
+        accelerator_config({"deepspeed_plugin": SimpleNamespace(hf_ds_config=None)})
+    monkeypatch.setenv("HF_ZERO_CONFIG", "/y/zero.json")
+    assert accelerator_config({}) == (True, None)
+
+
+def test_stock_accelerator_with_deepspeed_plugin(tmp_path):
+    """``Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config="zero.json"))`` in a stock script
+    under ``python -m hf_zero.run`` (one process) is hf_zero's Accelerator at the file's stage,
+    although the deepspeed package is absent."""
+    (tmp_path / "dsp.py").write_text(B.DEEPSPEED_PLUGIN)
+    (tmp_path / "zero.json").write_text(json.dumps(S.zero_cfg(3)))
+    out = tmp_path / "out"
+    p = _run([sys.executable, "-m", "hf_zero.run", "dsp.py", tmp_path / "zero.json", out], _env(), tmp_path)
+    assert "hf_zero active: ZeRO stage 3" in p.stderr
+    res = json.loads((out / "result_rank0.json").read_text())
+    assert "ZeroAccelerator" in res["accelerator"] and res["stage"] == 3 and res["steps"] == 1 and res["micro"] == 4
