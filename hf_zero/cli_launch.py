@@ -8,7 +8,7 @@ this machine, with the ZeRO config in ``HF_ZERO_CONFIG`` (see :mod:`hf_zero.run`
 
 Read from the YAML: ``num_processes`` (over all machines, as accelerate counts them),
 ``num_machines``, ``machine_rank``, ``main_process_ip``, ``main_process_port``,
-``mixed_precision``, ``use_cpu`` and ``deepspeed_config``: either ``deepspeed_config_file``
+``mixed_precision``, ``use_cpu``, ``gpu_ids`` and ``deepspeed_config``: either ``deepspeed_config_file``
 (a path, relative to the working directory or else to the YAML's folder) or accelerate's inline
 keys (``zero_stage``, ``offload_optimizer_device``, ``offload_param_device``, their
 ``*_nvme_path``, ``gradient_accumulation_steps``, ``gradient_clipping``), which become a config.
@@ -16,8 +16,9 @@ keys (``zero_stage``, ``offload_optimizer_device``, ``offload_param_device``, th
 Invariants:
 
 * The YAML is validated before anything starts; an error names the file, the key and the fix.
-* What the processes get is exactly what accelerate's launcher would give a non-DeepSpeed run of
-  the same YAML (``ACCELERATE_MIXED_PRECISION``, ``ACCELERATE_USE_CPU``), plus ``HF_ZERO_CONFIG``;
+* What the processes get is what accelerate's launcher would give a non-DeepSpeed run of the
+  same YAML (``ACCELERATE_MIXED_PRECISION``, ``ACCELERATE_USE_CPU``, ``CUDA_VISIBLE_DEVICES`` from
+  ``gpu_ids``), plus ``HF_ZERO_CONFIG``;
   accelerate's DeepSpeed switch (``ACCELERATE_USE_DEEPSPEED``) is removed: hf_zero replaces it.
 * One machine per invocation, as torchrun: on several machines run it on each, with that
   machine's ``machine_rank`` in its YAML (static rendezvous at ``main_process_ip:port``).
@@ -58,6 +59,7 @@ class LaunchPlan:
     mixed_precision: str        # "no" | "fp16" | "bf16"
     use_cpu: bool
     zero_config: str            # a path, or a JSON string built from inline keys
+    gpu_ids: Optional[str] = None  # "0,1": CUDA_VISIBLE_DEVICES; None: all
 
     @property
     def nproc_per_node(self) -> int:
@@ -116,8 +118,11 @@ def read_config(path: str, num_processes: Optional[int] = None, main_process_por
     if mp not in ("no", "fp16", "bf16"):
         raise LaunchConfigError(f"{source}: mixed_precision={mp!r} is not supported by hf_zero; use no, fp16 or bf16")
     use_cpu = bool(cfg.get("use_cpu", False))
+    gpu_ids = cfg.get("gpu_ids")
+    gpu_ids = None if gpu_ids is None or str(gpu_ids).lower() == "all" else str(gpu_ids)
     return LaunchPlan(source=source, num_processes=procs, num_machines=machines, machine_rank=rank,
                       main_process_ip=str(ip), main_process_port=port, mixed_precision=mp, use_cpu=use_cpu,
+                      gpu_ids=gpu_ids,
                       zero_config=_zero_config(cfg.get("deepspeed_config"), source, Path(path).parent, cwd))
 
 
@@ -182,6 +187,8 @@ def launch_command(plan: LaunchPlan, target: Sequence[str], env: Optional[Dict[s
     env.pop("ACCELERATE_DEEPSPEED_CONFIG_FILE", None)
     if plan.use_cpu:
         env["ACCELERATE_USE_CPU"] = "true"
+    elif plan.gpu_ids is not None:
+        env["CUDA_VISIBLE_DEVICES"] = plan.gpu_ids
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(plan.nproc_per_node),
            "--nnodes", str(plan.num_machines), "--node_rank", str(plan.machine_rank),

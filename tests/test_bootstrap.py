@@ -376,6 +376,10 @@ def test_launch_reads_the_yaml(tmp_path, monkeypatch):
     assert env["HF_ZERO_CONFIG"] == str(ds.resolve()) and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
     assert env["ACCELERATE_USE_CPU"] == "true" and "ACCELERATE_USE_DEEPSPEED" not in env
 
+    gpus = tmp_path / "gpus.yaml"
+    gpus.write_text(DS_YAML.format(file=ds, port=1, mp="no").replace("use_cpu: true", "gpu_ids: 2,3"))
+    assert launch_command(read_config(str(gpus)), ["t.py"], env={})[1]["CUDA_VISIBLE_DEVICES"] == "2,3"
+
     inline = tmp_path / "inline.yaml"
     inline.write_text("distributed_type: DEEPSPEED\nnum_processes: 2\ndeepspeed_config:\n  zero_stage: 3\n"
                       "  offload_optimizer_device: cpu\n  offload_param_device: none\n"
