@@ -3,7 +3,8 @@
 Subcommands: ``consolidate`` (sharded checkpoint -> Hugging Face safetensors), ``estimate``
 (memory per GPU / node for every stage and offload), ``plan`` (the least-sharded setup that fits,
 written as a ZeRO JSON), ``train`` (run a recipe under the current launcher), ``recipes`` (list
-and validate the recipes).
+and validate the recipes), ``launch`` (start a script from an accelerate YAML that says
+``distributed_type: DEEPSPEED``, on hf_zero: :mod:`hf_zero.cli_launch`).
 """
 
 from __future__ import annotations
@@ -123,6 +124,14 @@ def _recipes(args) -> int:
     return 1 if bad else 0
 
 
+def _launch(args) -> int:
+    from .cli_launch import main as launch_main
+
+    target = ["-m", *args.target] if args.module and args.target else list(args.target)
+    return launch_main(args.config_file, target, num_processes=args.num_processes,
+                       main_process_port=args.main_process_port)
+
+
 def _add_model_args(p):
     p.add_argument("model", metavar="MODEL_OR_CONFIG",
                    help="a recipe name/path, a config.json or model directory, a cached hub id, or a count (7B)")
@@ -172,6 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="same model class and ZeRO config, tiny random model and local data: seconds on a CPU")
     t.add_argument("--output-dir", default=None, help="default: runs/<recipe>")
     t.set_defaults(func=_train)
+
+    la = sub.add_parser("launch", help="run a script from an accelerate config YAML with distributed_type: DEEPSPEED "
+                                       "(hf_zero in place of DeepSpeed)")
+    la.add_argument("--config_file", "--config-file", required=True,
+                    help="the accelerate config YAML (deepspeed_config: {deepspeed_config_file: zero.json})")
+    la.add_argument("--num_processes", "--num-processes", type=int, default=None,
+                    help="override the YAML's num_processes (over all machines)")
+    la.add_argument("--main_process_port", "--main-process-port", type=int, default=None,
+                    help="override the YAML's main_process_port")
+    la.add_argument("-m", "--module", action="store_true", help="run a module (python -m MODULE), not a script")
+    la.add_argument("target", nargs=argparse.REMAINDER, metavar="SCRIPT [ARGS...] | -m MODULE [ARGS...]",
+                    help="what to run, with its own arguments")
+    la.set_defaults(func=_launch)
 
     r = sub.add_parser("recipes", help="list the recipes and validate them (config, batch, memory)")
     r.add_argument("names", nargs="*")

@@ -2,7 +2,9 @@
 training script as ``__main__`` with hf_zero's bootstrap installed.
 
 Launch it as any script: ``torchrun --nproc_per_node N -m hf_zero.run train.py --deepspeed
-zero.json ...`` or ``accelerate launch -m hf_zero.run train.py ...``. The script sees the
+zero.json ...`` or ``accelerate launch -m hf_zero.run train.py ...``; ``hf-zero launch
+--config_file accel.yaml train.py ...`` (an accelerate YAML with ``distributed_type: DEEPSPEED``,
+:mod:`hf_zero.cli_launch`) starts it this way too. The script sees the
 ``sys.argv`` and ``sys.path[0]`` it would see when run directly; every Trainer / Accelerator it
 builds with a ZeRO config (``--deepspeed``, ``HF_ZERO_CONFIG``, accelerate's DeepSpeed config
 file) runs on hf_zero (see :mod:`hf_zero.integrations.bootstrap`).

@@ -68,19 +68,26 @@ if __name__ == "__main__":
     main()
 '''
 
-#: TRL: SFTConfig parsed by TrlParser-free HfArgumentParser, a stock SFTTrainer on a
-#: pre-tokenized dataset.
+#: TRL: SFTConfig parsed by HfArgumentParser, a stock SFTTrainer on a pre-tokenized dataset with a
+#: word-level tokenizer built in place (no download).
 SFT = COMMON + '''
 from datasets import Dataset
-from transformers import HfArgumentParser
+from tokenizers import Tokenizer, models as tm
+from transformers import HfArgumentParser, PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
+
+
+def tokenizer():
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tm.WordLevel(vocab, unk_token="t1")),
+                                   pad_token="t0", eos_token="t2", unk_token="t1")
 
 
 def main():
     (args,) = HfArgumentParser(SFTConfig).parse_args_into_dataclasses()
     ids = samples(48).tolist()
     data = Dataset.from_dict({"input_ids": ids})
-    trainer = SFTTrainer(model=build_model(), args=args, train_dataset=data)
+    trainer = SFTTrainer(model=build_model(), args=args, train_dataset=data, processing_class=tokenizer())
     trainer.train()
     write(args.output_dir, args.process_index, {
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
@@ -140,6 +147,35 @@ def main():
         "world": accelerator.num_processes,
         "micro": getattr(cfg, "train_micro_batch_size_per_gpu", None),
         "stage": getattr(getattr(accelerator, "zero_engine", None), "stage", None)})
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+#: A stock Accelerator given accelerate's own ``DeepSpeedPlugin(hf_ds_config=path)`` (argv[1]);
+#: one optimizer step; argv[2] is the output folder.
+DEEPSPEED_PLUGIN = COMMON + '''
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin
+from torch.utils.data import DataLoader
+
+
+def main():
+    accelerator = Accelerator(cpu=True, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=sys.argv[1]))
+    model = build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    dl = DataLoader([{"input_ids": x, "labels": x.clone()} for x in samples(8)], batch_size=4)
+    model, opt, dl = accelerator.prepare(model, opt, dl)
+    batch = next(iter(dl))
+    loss = model(**batch).loss
+    accelerator.backward(loss)
+    opt.step()
+    engine = getattr(accelerator, "zero_engine", None)
+    write(sys.argv[2], accelerator.process_index, {
+        "accelerator": classes(accelerator), "loss": loss.item(),
+        "stage": getattr(engine, "stage", None), "steps": getattr(engine, "global_steps", None),
+        "micro": getattr(getattr(accelerator, "zero_config", None), "train_micro_batch_size_per_gpu", None)})
 
 
 if __name__ == "__main__":

@@ -176,6 +176,26 @@ def _bound(init, args: tuple, kwargs: dict) -> Dict[str, Any]:
         return dict(kwargs)
 
 
+def _passes_through(init) -> bool:
+    """``def __init__(self, *args, **kwargs)``: names no argument of its own."""
+    try:
+        params = list(inspect.signature(init).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return True
+    return all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+
+
+def init_arguments(cls: type, args: tuple, kwargs: dict) -> Dict[str, Any]:
+    """The arguments of ``cls(*args, **kwargs)`` by name, bound against the first ``__init__`` in
+    ``cls``'s MRO that names its parameters (so a mixin's ``(*args, **kwargs)`` pass-through, as
+    in ``ZeroTrainerMixin`` first in the bases, does not hide ``callbacks=``)."""
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None and not _passes_through(init):
+            return _bound(init, args, kwargs)
+    return dict(kwargs)
+
+
 def trainer_wants_zero(targs, callbacks) -> bool:
     """Should a Trainer with these ``args`` / ``callbacks`` run on hf_zero?"""
     from .trainer import ZeroCallback
@@ -197,7 +217,7 @@ def _patch_trainer(module) -> None:
         from .trainer import ZeroTrainerMixin
 
         if not issubclass(cls, ZeroTrainerMixin):
-            bound = _bound(cls.__init__, args, kwargs)
+            bound = init_arguments(cls, args, kwargs)
             if trainer_wants_zero(bound.get("args"), bound.get("callbacks")):
                 cls = _zero_trainer_class(cls)
         if original_new is not None:

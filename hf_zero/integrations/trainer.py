@@ -188,9 +188,9 @@ class ZeroTrainerMixin:
     may carry the config instead."""
 
     def __init__(self, *args, **kwargs):
-        from .bootstrap import _bound
+        from .bootstrap import init_arguments
 
-        callbacks = _bound(type(self).__init__, args, kwargs).get("callbacks") or ()
+        callbacks = init_arguments(type(self), args, kwargs).get("callbacks") or ()
         mine = [cb for cb in callbacks if isinstance(cb, ZeroCallback)]
         if len(mine) > 1:
             raise ValueError(f"give at most one ZeroCallback to a Trainer, got {len(mine)}")
