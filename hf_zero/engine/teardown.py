@@ -113,7 +113,8 @@ def release_destroyed_groups() -> int:
             continue
         for value in list(vars(module).values()):
             fn, depth = value, 0
-            while isinstance(fn, types.FunctionType) and depth < 8:  # follow functools.wraps chains
+            while type(fn) is types.FunctionType and depth < 8:  # follow functools.wraps chains (type(), not
+                # isinstance(): some module attributes warn when their __class__ is read)
                 reset += _reset_defaults(fn, live)
                 fn, depth = getattr(fn, "__wrapped__", None), depth + 1
     gc.collect()
