@@ -126,14 +126,25 @@ def test_elementwise_check():
         check_elementwise(torch.optim.LBFGS(p))
 
 
-def test_loss_scaler_dynamic_trace():
-    s = LossScaler(8.0, dynamic=True, window=2, hysteresis=1, min_scale=1.0)
+# Reference traces recorded from DeepSpeed 0.19.8's DynamicLossScaler (init_scale 8, window 2,
+# min_scale 1, raise_error_at_min_scale False) on this overflow sequence, in its own venv.
+SCALER_SEQUENCE = [False, True, False, False, True, True, True, True] + [False] * 5
+DEEPSPEED_TRACES = {
+    (1, False): [8.0, 4.0, 4.0, 4.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 4.0],
+    (2, False): [8.0, 8.0, 8.0, 8.0, 4.0, 2.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 4.0],
+    (2, True): [8.0, 8.0, 8.0, 8.0, 8.0, 4.0, 2.0, 1.0, 1.0, 1.0, 2.0, 2.0, 4.0],
+}
+
+
+@pytest.mark.parametrize("hysteresis,consecutive", sorted(DEEPSPEED_TRACES))
+def test_loss_scaler_matches_deepspeed_trace(hysteresis, consecutive):
+    s = LossScaler(8.0, dynamic=True, window=2, hysteresis=hysteresis, consecutive_hysteresis=consecutive,
+                   min_scale=1.0)
     trace = []
-    for overflow in [False, True, False, False, True, True, True, True]:
+    for overflow in SCALER_SEQUENCE:
         s.update(overflow)
         trace.append(s.scale)
-    # growth every 2 clean steps since the last overflow, halving on each overflow, floor 1
-    assert trace == [8.0, 4.0, 4.0, 8.0, 4.0, 2.0, 1.0, 1.0]
+    assert trace == DEEPSPEED_TRACES[(hysteresis, consecutive)]
 
 
 def test_loss_scaler_hysteresis_spends_credit_first():

@@ -52,7 +52,10 @@ class LossScaler:
             else:
                 if self.consecutive_hysteresis:
                     self.hysteresis_left = self.hysteresis
-                if (self.iteration - self.last_overflow_iteration) % self.window == 0:
+                # clean updates since the last overflow, before this one: the scale grows on
+                # the update that follows each full window of them (DeepSpeed 0.19.8's rule)
+                stable = self.iteration - self.last_overflow_iteration - 1
+                if stable > 0 and stable % self.window == 0:
                     if not self.consecutive_hysteresis:
                         self.hysteresis_left = self.hysteresis
                     self.scale *= self.factor
