@@ -18,7 +18,7 @@ from models import batches, build, grouped_params, make_optimizer
 
 S = "access_scenarios:run"
 W2_PARTS = ["outside", "modify_ram", "modify_cpu_optimizer", "modify_nvme", "reference_model", "generate"]
-W3_PARTS = ["outside", "modify_ram", "modify_nvme", "generate"]
+W3_PARTS = ["outside", "modify_ram", "generate"]
 
 
 def _launch(tmp_path_factory, world, parts):
@@ -121,7 +121,7 @@ def test_own_parameter_output_and_child_weight_train_like_unsharded(run):
 def test_inside_gathered_parameters_equals_reference(run):
     _, results, world = run
     model, _ = reference_train(build_access(), world)
-    want = float(dict(model.named_parameters())[PROBES[0]].sum())
+    want = float(dict(model.named_parameters())[PROBES[0]].detach().sum())
     for r in results:
         assert r["outside"]["inside_sum"] == pytest.approx(want, abs=1e-4)
 
@@ -137,8 +137,7 @@ def test_nested_blocks_release_at_the_outermost_exit(w2):
 
 
 # ---------------------------------------------------------------------------------- item 3
-MODIFY = [("modify_ram", 2), ("modify_cpu_optimizer", 2), ("modify_nvme", 2), ("modify_ram", 3),
-          pytest.param("modify_nvme", 3, marks=pytest.mark.slow)]
+MODIFY = [("modify_ram", 2), ("modify_cpu_optimizer", 2), ("modify_nvme", 2), ("modify_ram", 3)]
 
 
 @pytest.mark.parametrize("part,world", MODIFY)

@@ -138,9 +138,12 @@ def _write_back(engine, accs: List[ParamAccess], src: int) -> None:
         values = f.full[f.shard_start : f.shard_start + f.shard_numel]
         if f.sharded:
             engine.write_shard(f, values)
-        if f.master is not None and not f.master_is_shard:
+        if f.trainable and engine.optimizer is not None:
+            # with the optimizer on NVMe the master is on disk (f.master is None) until made
+            # resident: decide inside, where it is in RAM
             with engine.resident(f, write_back=True):
-                f.master.copy_(values)
+                if f.master is not None and not f.master_is_shard:
+                    f.master.copy_(values)
 
 
 def _available_bytes(device: torch.device) -> int:
