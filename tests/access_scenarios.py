@@ -303,6 +303,13 @@ def part_generate(rank: int, world: int, out: Path) -> Dict:
         res[path] = tokens.tolist()
         res[f"{path}_path"] = engine.last_generate_path
         res[f"{path}_after"] = probe(model.model.layers[0].mlp.up_proj.weight)
+    try:  # an error inside a gather-once generate: the model is sharded and guarded again after it
+        engine.generate(prompt_of(rank), gather="full", not_a_generate_argument=1, **GEN_KW)
+        res["error_inside"] = "no error"
+    except ValueError as e:
+        res["error_inside"] = str(e)
+    res["after_error"] = probe(model.model.layers[0].mlp.up_proj.weight)
+    res["class_after_error"] = type(model.model.layers[0].mlp.up_proj.weight).__name__
     try:
         engine.generate(prompt_of(rank), gather="everything", **GEN_KW)
         res["bad_gather"] = "no error"

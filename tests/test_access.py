@@ -204,3 +204,6 @@ def test_generate_both_paths_equal_unsharded_greedy(run):
         assert res["full_path"] == "full" and res["per_unit_path"] == "per_unit"
         assert res["auto_path"] == "full"  # a tiny model fits: measured on every rank
         assert "gather='everything'" in res["bad_gather"]
+        assert "not_a_generate_argument" in res["error_inside"]
+        _is_clear_error(res["after_error"], "model.layers.0.mlp.up_proj.weight")
+        assert res["class_after_error"] == "ShardedParameter"

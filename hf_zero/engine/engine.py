@@ -419,7 +419,9 @@ class ZeroEngine:
         full = gather == "full" or (gather == "auto" and full_model_fits(self))
         self.last_generate_path = "full" if full else "per_unit"
         if full:
-            with gathered_parameters(self.module.parameters()):
+            from .access import unguarded
+
+            with gathered_parameters(self.module.parameters()), unguarded(self):
                 return self.module.generate(*args, **kwargs)
         if self.world_size > 1:
             kwargs.setdefault("synced_gpus", True)
