@@ -182,6 +182,14 @@ def part_outside(rank: int, world: int, out: Path) -> Dict:
     between = []
     res["losses"] = train(engine, rank, world, between=lambda: between.append({k: probe(p[k]) for k in PROBES}))
     res["between"] = between
+    engine.eval()  # a no-grad forward: the own-parameter output and the on-demand gather again
+    with torch.no_grad():
+        logits = engine(**batches(1, 1, world, rank_skew=False, seed=9)[0][0][rank]).logits
+    engine.train()
+    from safetensors.torch import save_file
+
+    save_file({"logits": logits}, str(out / f"eval_logits_w{world}_r{rank}.safetensors"))
+    res["after_eval"] = {k: probe(p[k]) for k in PROBES}
     with hf_zero.gathered_parameters(p[PROBES[0]]):
         res["inside_sum"] = float(p[PROBES[0]].sum())
         res["inside_other_unit"] = probe(p["blocks.2.fc.weight"])
@@ -207,8 +215,10 @@ def part_modify(rank: int, world: int, out: Path, where: str, nvme: str) -> Dict
     """Item 3: read the initial values; rank 0 changes two parameters inside a nested
     modifier_rank=0 block (the other ranks make a different change, which must be lost); train."""
     model = build_access()
+    stage = 2 if where.startswith("stage2_") else 3
     engine, *_ = hf_zero.initialize(model=model, optimizer=make_optimizer("sgd", grouped_params(model)),
-                                    config=config(3, placement(where, nvme)))
+                                    config=config(stage, placement(where[len("stage2_"):] if stage == 2 else where,
+                                                                   nvme)))
     res = {}
     from safetensors.torch import save_file
 
@@ -225,7 +235,7 @@ def part_modify(rank: int, world: int, out: Path, where: str, nvme: str) -> Dict
         changed = {n: q.detach().clone() for n, q in model.named_parameters()}
     save_file(initial, str(out / f"initial_{where}_w{world}_r{rank}.safetensors"))
     save_file(changed, str(out / f"changed_{where}_w{world}_r{rank}.safetensors"))
-    res["after_exit"] = probe(model.blocks[1].fc.weight)
+    res["after_exit"] = probe(model.blocks[1].fc.weight) if stage == 3 else None
     res["losses"] = train(engine, rank, world)
     save_full(model, out / f"modify_{where}_w{world}.safetensors")
     # a replaced .data is refused with a clear error (and nothing is broadcast)
@@ -303,6 +313,21 @@ def part_generate(rank: int, world: int, out: Path) -> Dict:
         res[path] = tokens.tolist()
         res[f"{path}_path"] = engine.last_generate_path
         res[f"{path}_after"] = probe(model.model.layers[0].mlp.up_proj.weight)
+    # ranks that stop at different lengths: per unit they stay in step (synced_gpus), gathered
+    # once they need not
+    own = dict(GEN_KW, max_new_tokens=3 + 3 * rank, min_new_tokens=None)
+    res["ragged_full"] = engine.generate(prompt_of(rank), gather="full", **own).tolist()
+    res["ragged_per_unit"] = engine.generate(prompt_of(rank), gather="per_unit", **own).tolist()
+    # gather="auto" when one rank measures no room: every rank takes the per-unit path
+    import hf_zero.engine.gather as gather_mod
+
+    kept = gather_mod.FULL_GATHER_MEMORY_FRACTION
+    gather_mod.FULL_GATHER_MEMORY_FRACTION = 0.0 if rank == world - 1 else kept
+    try:
+        res["tight"] = engine.generate(prompt_of(rank), **GEN_KW).tolist()
+        res["tight_path"] = engine.last_generate_path
+    finally:
+        gather_mod.FULL_GATHER_MEMORY_FRACTION = kept
     try:  # an error inside a gather-once generate: the model is sharded and guarded again after it
         engine.generate(prompt_of(rank), gather="full", not_a_generate_argument=1, **GEN_KW)
         res["error_inside"] = "no error"
