@@ -207,6 +207,16 @@ def part_outside(rank: int, world: int, out: Path) -> Dict:
     save_full(model, out / f"outside_w{world}.safetensors")
     res["after_save"] = probe(p[PROBES[0]])
     res["late_units"] = [u.name for u in engine.runtime.last_late]
+    # ranks that enter with different parameters: the same clear error everywhere, no hang
+    try:
+        with hf_zero.gathered_parameters(model.blocks[0 if rank == 0 else 1].parameters()):
+            pass
+        res["mismatch"] = "no error"
+    except RuntimeError as e:
+        res["mismatch"] = str(e)
+    with hf_zero.gathered_parameters(model.blocks[1].fc.weight):  # still usable after it
+        res["after_mismatch_sum"] = float(model.blocks[1].fc.weight.sum())
+    res["pins_left"] = sum(u.pins for u in engine.units)
     engine.destroy()
     return res
 

@@ -139,6 +139,15 @@ def test_inside_gathered_parameters_equals_reference(run):
         assert r["outside"]["inside_sum"] == pytest.approx(want, abs=1e-4)
 
 
+def test_ranks_entering_with_different_parameters_fail_clearly(run):
+    _, results, world = run
+    for r in results:
+        res = r["outside"]
+        assert "ranks entered with different parameters" in res["mismatch"], res["mismatch"]
+        assert res["after_mismatch_sum"] == pytest.approx(r["outside"]["inside_sum"], abs=1e-6)
+        assert res["pins_left"] == 0
+
+
 def test_nested_blocks_release_at_the_outermost_exit(w2):
     _, results = w2
     for r in results:
