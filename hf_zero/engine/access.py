@@ -16,6 +16,8 @@ Note:
     * Autograd's C++ engine does not go through ``__torch_function__``: backward reads saved
       parameters directly, which is why on-demand gathers stay until backward ends.
     * Operations return plain tensors (the subclass is never propagated to results).
+    * :func:`unguarded`: while every unit is pinned gathered (a gather-once ``generate``) the
+      parameters are plain ``nn.Parameter`` again, so no operation pays for the check.
 """
 
 from __future__ import annotations

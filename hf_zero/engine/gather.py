@@ -16,6 +16,12 @@ Note:
       a parameter whose ``.data`` was replaced by another tensor is refused. Optimizer states
       are kept as they are (DeepSpeed's behaviour). When the block raises, nothing is broadcast
       (no collective on an error path): stage-3 units are released with their shards unchanged.
+    * Stage 3, before any gather, the ranks agree on the units (one control all-reduce of their
+      count and an order-sensitive checksum); ranks that entered with different parameters all
+      raise the same error before any data moves. A rank whose list holds no parameter of the
+      engine does not enter at all (no collective), so every rank must pass the same list.
+    * :func:`whole_model_gathered` is the gather-once ``generate``: everything pinned, plain
+      parameters (:func:`hf_zero.engine.access.unguarded`) and the forward hooks suspended.
     * :func:`full_model_fits` is the measured decision behind a gather-once ``generate``.
 """
 
