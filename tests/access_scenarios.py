@@ -304,6 +304,12 @@ def part_reference_model(rank: int, world: int, out: Path) -> Dict:
     return res
 
 
+@torch.no_grad()
+def change_head(model) -> None:
+    """Rank 0's change to the generation model's head (a reversed row order)."""
+    model.lm_head.weight.copy_(model.lm_head.weight.flip(0))
+
+
 def prompt_of(rank: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(100 + rank)
     return torch.randint(3, VOCAB, (1, 4 + 2 * rank), generator=g)
@@ -338,6 +344,12 @@ def part_generate(rank: int, world: int, out: Path) -> Dict:
         res["tight_path"] = engine.last_generate_path
     finally:
         gather_mod.FULL_GATHER_MEMORY_FRACTION = kept
+    # an inference-only engine's weights changed on rank 0 (weights pushed to a generation model)
+    with hf_zero.gathered_parameters(model.lm_head.weight, modifier_rank=0):
+        if rank == 0:
+            change_head(model)
+    res["changed_full"] = engine.generate(prompt_of(rank), gather="full", **GEN_KW).tolist()
+    res["changed_per_unit"] = engine.generate(prompt_of(rank), gather="per_unit", **GEN_KW).tolist()
     try:  # an error inside a gather-once generate: the model is sharded and guarded again after it
         engine.generate(prompt_of(rank), gather="full", not_a_generate_argument=1, **GEN_KW)
         res["error_inside"] = "no error"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from access_scenarios import (ACCUM, GEN_KW, PROBES, STEPS, apply_change, build_access, prompt_of)
+from access_scenarios import (ACCUM, GEN_KW, PROBES, STEPS, apply_change, build_access, change_head, prompt_of)
 from launch import launch
 from models import batches, build, grouped_params, make_optimizer
 
@@ -235,3 +235,15 @@ def test_generate_both_paths_equal_unsharded_greedy(run):
         assert "not_a_generate_argument" in res["error_inside"]
         _is_clear_error(res["after_error"], "model.layers.0.mlp.up_proj.weight")
         assert res["class_after_error"] == "ShardedParameter"
+
+
+def test_generate_after_weights_changed_on_rank0(run):
+    """gathered_parameters(modifier_rank=0) on an engine without optimizer, then generate."""
+    _, results, world = run
+    model = build("llama", seed=7)
+    model.eval()
+    change_head(model)
+    for rank, r in enumerate(results):
+        want = model.generate(prompt_of(rank), **GEN_KW).tolist()
+        assert r["generate"]["changed_full"] == want and r["generate"]["changed_per_unit"] == want
+        assert want != r["generate"]["full"]  # the change matters for these tokens
