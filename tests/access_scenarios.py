@@ -366,6 +366,17 @@ def part_generate(rank: int, world: int, out: Path) -> Dict:
     return res
 
 
+def part_generate_nvme(rank: int, world: int, out: Path, nvme: str) -> Dict:
+    """Item 4 with the shards of an inference-only engine in NVMe swap files."""
+    model = build("llama", seed=7)
+    engine, *_ = hf_zero.initialize(model=model, config=config(
+        3, {"offload_param": {"device": "nvme", "nvme_path": nvme}}, train=False))
+    res = {path: engine.generate(prompt_of(rank), gather=path, **GEN_KW).tolist() for path in ("full", "per_unit")}
+    res["after"] = probe(model.model.layers[0].mlp.up_proj.weight)
+    engine.destroy()
+    return res
+
+
 def run(payload, out_dir: Path):
     rank, world = init_distributed()
     out = Path(out_dir)
@@ -377,6 +388,8 @@ def run(payload, out_dir: Path):
             res[part] = part_modify(rank, world, out, part[len("modify_"):], payload["nvme"])
         elif part == "reference_model":
             res[part] = part_reference_model(rank, world, out)
+        elif part == "generate_nvme":
+            res[part] = part_generate_nvme(rank, world, out, payload["nvme"])
         elif part == "generate":
             res[part] = part_generate(rank, world, out)
         else:

@@ -18,7 +18,7 @@ from models import batches, build, grouped_params, make_optimizer
 
 S = "access_scenarios:run"
 W2_PARTS = ["outside", "modify_ram", "modify_cpu_optimizer", "modify_nvme", "modify_stage2_cpu_optimizer",
-            "reference_model", "generate"]
+            "reference_model", "generate", "generate_nvme"]
 W3_PARTS = ["outside", "modify_ram", "generate"]
 
 
@@ -247,3 +247,13 @@ def test_generate_after_weights_changed_on_rank0(run):
         want = model.generate(prompt_of(rank), **GEN_KW).tolist()
         assert r["generate"]["changed_full"] == want and r["generate"]["changed_per_unit"] == want
         assert want != r["generate"]["full"]  # the change matters for these tokens
+
+
+def test_generate_with_parameter_shards_on_nvme(w2):
+    _, results = w2
+    model = build("llama", seed=7)
+    model.eval()
+    for rank, r in enumerate(results):
+        want = model.generate(prompt_of(rank), **GEN_KW).tolist()
+        assert r["generate_nvme"]["full"] == want and r["generate_nvme"]["per_unit"] == want
+        _is_clear_error(r["generate_nvme"]["after"], "model.layers.0.mlp.up_proj.weight")
