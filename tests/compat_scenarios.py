@@ -33,8 +33,7 @@ def forwarding(payload, out_dir: Path):
         "generated": via_engine.tolist(),
         "direct": direct.tolist(),
         "checkpointing": bool(engine.module.is_gradient_checkpointing),
-        # generate is the engine's own (stage 3 picks a gather path, docs/engine.md); other
-        # model methods are the module's, forwarded
+        # engine.generate is the engine's own (stage-3 gather choice); other methods forward as they are
         "forwarded_is_module_method": engine.get_input_embeddings.__self__ is engine.module,
         "engine_config_is_zero": type(engine.config).__name__,
         "model_config": type(engine.module.config).__name__,
