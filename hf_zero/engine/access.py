@@ -16,11 +16,14 @@ Note:
     * Autograd's C++ engine does not go through ``__torch_function__``: backward reads saved
       parameters directly, which is why on-demand gathers stay until backward ends.
     * Operations return plain tensors (the subclass is never propagated to results).
+    * :func:`unguarded`: while every unit is pinned gathered (a gather-once ``generate``) the
+      parameters are plain ``nn.Parameter`` again, so no operation pays for the check.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -125,6 +128,24 @@ class ShardedParameter(nn.Parameter):
                 acc = _first_not_ready(args, kwargs)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def unguarded(engine) -> Iterator[None]:
+    """While every unit of ``engine`` is pinned gathered (a gather-once ``generate``), make its
+    parameters plain ``nn.Parameter`` again, so that no operation pays the
+    :class:`ShardedParameter` check; they are guarded again on exit, whatever happens."""
+    if any(u.pins == 0 or u.state is not FlatState.GATHERED for u in engine.units):
+        raise RuntimeError("hf_zero internal: unguarded() needs every unit pinned and gathered")
+    params = [p for u in engine.units for f in u.flats if f.sharded for p in f.params
+              if type(p) is ShardedParameter]
+    for p in params:
+        p.__class__ = nn.Parameter
+    try:
+        yield
+    finally:
+        for p in params:
+            p.__class__ = ShardedParameter
 
 
 def guard(engine, unit, flat, index: int) -> None:

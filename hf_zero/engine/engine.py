@@ -413,7 +413,7 @@ class ZeroEngine:
         memory; several ranks then pass ``synced_gpus=True``); ``"auto"`` (default) takes
         ``"full"`` when every rank measures room for it (see
         :func:`hf_zero.engine.gather.full_model_fits`). Collective at stage 3: every rank calls it."""
-        from .gather import full_model_fits, gathered_parameters
+        from .gather import full_model_fits, whole_model_gathered
 
         if gather not in ("auto", "full", "per_unit"):
             raise ValueError(f"generate(gather={gather!r}): expected 'auto', 'full' or 'per_unit'")
@@ -422,7 +422,7 @@ class ZeroEngine:
         full = gather == "full" or (gather == "auto" and full_model_fits(self))
         self.last_generate_path = "full" if full else "per_unit"
         if full:
-            with gathered_parameters(self.module.parameters()):
+            with whole_model_gathered(self), torch.no_grad():
                 return self.module.generate(*args, **kwargs)
         if self.world_size > 1:
             kwargs.setdefault("synced_gpus", True)

@@ -16,6 +16,12 @@ Note:
       a parameter whose ``.data`` was replaced by another tensor is refused. Optimizer states
       are kept as they are (DeepSpeed's behaviour). When the block raises, nothing is broadcast
       (no collective on an error path): stage-3 units are released with their shards unchanged.
+    * Stage 3, before any gather, the ranks agree on the units (one control all-reduce of their
+      count and an order-sensitive checksum); ranks that entered with different parameters all
+      raise the same error before any data moves. A rank whose list holds no parameter of the
+      engine does not enter at all (no collective), so every rank must pass the same list.
+    * :func:`whole_model_gathered` is the gather-once ``generate``: everything pinned, plain
+      parameters (:func:`hf_zero.engine.access.unguarded`) and the forward hooks suspended.
     * :func:`full_model_fits` is the measured decision behind a gather-once ``generate``.
 """
 
@@ -28,7 +34,7 @@ from typing import Dict, Iterable, Iterator, List, Optional
 import torch
 import torch.nn as nn
 
-from .access import ParamAccess, access_of
+from .access import ParamAccess, access_of, unguarded
 from .flat import FlatState
 
 #: share of the measured free memory a gather-once generate may fill with parameters
@@ -83,6 +89,25 @@ def gathered_parameters(params, modifier_rank: Optional[int] = None, fwd_module=
             _exit(engine, was_sharded)
 
 
+@contextmanager
+def whole_model_gathered(engine) -> Iterator[None]:
+    """Stage 3: the whole model gathered for the length of the block, as plain parameters, with
+    the engine's forward hooks suspended (a gather-once ``generate``: every unit is pinned, so
+    the hooks would only re-check what cannot change, at every token). Forwards inside the
+    block must not need gradients. Collective on entry; on exit (also on error) the hooks are
+    back, the parameters guarded and the units released."""
+    runtime = engine.runtime
+    if runtime.hooks_suspended:  # nested: the outer block holds everything already
+        yield
+        return
+    with gathered_parameters(engine.module.parameters()), unguarded(engine):
+        runtime.hooks_suspended = True
+        try:
+            yield
+        finally:
+            runtime.hooks_suspended = False
+
+
 def _units(accs: List[ParamAccess]) -> list:
     seen, out = set(), []
     for a in accs:
@@ -99,13 +124,40 @@ def _enter(engine, accs: List[ParamAccess]) -> list:
     if engine.stage != 3:
         return out
     units = _units(accs)
-    for u in units:  # issue every gather, then wait: the transfers overlap
-        out.append((u, u.state is not FlatState.GATHERED))
-        engine.runtime.gather(u, async_op=True)
-        u.pins += 1
-    for u in units:
-        engine.runtime.wait(u)
+    _agree_on_units(engine, units)
+    runtime = engine.runtime
+    checked, runtime.check_unit_order = runtime.check_unit_order, False  # agreed once, above
+    try:
+        for u in units:  # issue every gather, then wait: the transfers overlap
+            out.append((u, u.state is not FlatState.GATHERED))
+            runtime.gather(u, async_op=True)
+            u.pins += 1
+        for u in units:
+            runtime.wait(u)
+    finally:
+        runtime.check_unit_order = checked
     return out
+
+
+def _agree_on_units(engine, units: list) -> None:
+    """Stage 3, before any gather: every rank must gather the same units in the same order, or
+    the all-gathers would pair different units' shards. One control all-reduce (max) of
+    (count, order-sensitive checksum) and their negatives: the ranks agree when max == -min.
+    Every rank raises the same error otherwise, before any data moves."""
+    if engine.world_size == 1:
+        return
+    count = len(units)
+    checksum = sum((k + 1) * (u.index + 1) for k, u in enumerate(units))
+    v = torch.tensor([count, checksum, -count, -checksum], dtype=torch.float64, device=engine.device)
+    engine.comm.all_reduce(v, op="max", control=True)
+    if v[0] != -v[2] or v[1] != -v[3]:
+        raise RuntimeError(
+            f"hf_zero.gathered_parameters: the ranks entered with different parameters (this rank, "
+            f"{engine.rank}: {count} unit(s): {', '.join(u.name for u in units) or 'none'}; unit counts across "
+            f"ranks range {int(-v[2])}..{int(v[0])}). It is collective at stage 3: every rank must pass the "
+            "same parameters in the same order (e.g. model.parameters() everywhere, and modify on one rank "
+            "with modifier_rank=r)"
+        )
 
 
 def _exit(engine, was_sharded: list) -> None:
@@ -138,9 +190,12 @@ def _write_back(engine, accs: List[ParamAccess], src: int) -> None:
         values = f.full[f.shard_start : f.shard_start + f.shard_numel]
         if f.sharded:
             engine.write_shard(f, values)
-        if f.master is not None and not f.master_is_shard:
+        if f.trainable and engine.optimizer is not None:
+            # with the optimizer on NVMe the master is on disk (f.master is None) until made
+            # resident: decide inside, where it is in RAM
             with engine.resident(f, write_back=True):
-                f.master.copy_(values)
+                if f.master is not None and not f.master_is_shard:
+                    f.master.copy_(values)
 
 
 def _available_bytes(device: torch.device) -> int:

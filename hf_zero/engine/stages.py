@@ -178,6 +178,7 @@ class StageRuntime:
         self.on_unit_reduced: Optional[Callable[[Unit], None]] = None  # e.g. start its CPU step
         self._pending: list = []  # reduce-scatters in flight: (handle, full, out, acc, direct)
         self.in_forward = False  # between the root's forward pre-hook and its forward hook
+        self.hooks_suspended = False  # forward hooks do nothing (a gather-once generate: all pinned)
         self.max_pending_reductions = 2  # full gradient buffers kept alive by them, at most
 
     # ------------------------------------------------------------------------------ install
@@ -328,6 +329,8 @@ class StageRuntime:
     # ------------------------------------------------------------------------------ forward
     def _make_pre_forward(self, unit: Unit):
         def hook(module, args):
+            if self.hooks_suspended:
+                return None
             if in_backward():  # activation-checkpoint recomputation
                 self._note_replay(unit)
                 self.gather(unit)
@@ -353,6 +356,8 @@ class StageRuntime:
 
     def _make_post_forward(self, unit: Unit):
         def hook(module, args, output):
+            if self.hooks_suspended:
+                return None
             if in_backward():
                 # Recomputation inside backward: keep the unit gathered; its backward follows.
                 if unit is not self.root:
