@@ -8,7 +8,9 @@ warmup_num_steps raised to at least 2 and WarmupDecayLR decaying towards warmup_
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -54,3 +56,21 @@ def test_lr_at_every_step_matches_deepspeed(kind, sched, total, warmup):
     assert got == pytest.approx(deepspeed_lrs(15, lo, hi, warmup, kind, total), rel=1e-12, abs=1e-15)
     if total is not None:
         assert got[-1] == pytest.approx(lo)  # decays to warmup_min_lr, not to 0
+
+
+RECORDED = json.loads((Path(__file__).resolve().parent / "data" / "deepspeed_schedules.json").read_text())
+
+
+@pytest.mark.parametrize("case", RECORDED["cases"], ids=lambda c: f"{c['type']}-" + "-".join(
+    f"{k}={v}" for k, v in sorted(c["params"].items())))
+def test_lr_at_every_step_matches_recorded_deepspeed(case):
+    """Against the learning rates DeepSpeed 0.19.8's own schedulers gave (recorded by
+    scripts/deepspeed_schedule_traces.py in DeepSpeed's venv), read before each optimizer step."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=RECORDED["base_lr"])
+    s = build_scheduler(SimpleNamespace(type=case["type"], params=case["params"]), opt)
+    got = []
+    for _ in range(RECORDED["steps"]):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    assert got == pytest.approx(case["lrs"], rel=1e-9, abs=1e-15)

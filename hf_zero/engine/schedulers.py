@@ -12,8 +12,11 @@ Note:
         that of DeepSpeed's ``last_batch_iteration = max(n - 1, 0)``, so the first two optimizer
         steps both use ``warmup_min_lr`` (tests/test_schedulers.py).
       - WarmupDecayLR: WarmupLR, then linear decay to ``warmup_min_lr`` at ``total_num_steps``.
-      - WarmupCosineLR: from ``warmup_min_ratio`` x lr to lr over ``warmup_num_steps``, then a
-        cosine to ``cos_min_ratio`` x lr at ``total_num_steps``.
+      - WarmupCosineLR: from ``warmup_min_ratio`` x lr to lr over ``warmup_num_steps`` (at least
+        2), then a cosine to ``cos_min_ratio`` x lr at ``total_num_steps``; timed as DeepSpeed's
+        (the lr of ``last_batch_iteration = n - 1``), which makes the very first update use lr 0.
+      All three are checked step by step against traces recorded from DeepSpeed 0.19.8 itself
+      (tests/data/deepspeed_schedules.json, scripts/deepspeed_schedule_traces.py).
 """
 
 from __future__ import annotations
@@ -64,12 +67,16 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer) -> torch.optim.lr_sch
         total = int(params["total_num_steps"])
         lo_ratio = float(params.get("warmup_min_ratio", 0.0))
         cos_min = float(params.get("cos_min_ratio", 0.0001))
+        warmup = max(2, warmup)  # as DeepSpeed's
 
-        def f(step):
-            if step < warmup:
-                return lo_ratio + (1 - lo_ratio) * _warmup_fraction(step, warmup, wtype)
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return cos_min + (1 - cos_min) * 0.5 * (1 + math.cos(math.pi * progress))
+        def f(n):
+            it = n - 1  # DeepSpeed's last_batch_iteration after n scheduler steps
+            if it < 0:
+                return 0.0  # DeepSpeed's ratio before its first step: the first update uses lr 0
+            if it < warmup:
+                return lo_ratio + (1 - lo_ratio) * _warmup_fraction(it, warmup, wtype)
+            progress = min(1.0, (it - warmup + 1) / max(1, total - warmup))
+            return max(0.0, cos_min + (1 - cos_min) * 0.5 * (1 + math.cos(math.pi * progress)))
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
     raise ValueError(f"scheduler type {kind!r} is not supported; use WarmupLR, WarmupDecayLR or WarmupCosineLR")
