@@ -7,9 +7,12 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /workspace/hf_zero
 # dependencies first (cached layer), then the source
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md _hf_zero_autostart.py hf_zero_autostart.pth ./
 COPY hf_zero ./hf_zero
-RUN pip install -e . peft && python -c "import hf_zero, accelerate, transformers; print(hf_zero.__version__)"
+# an editable install does not carry the start-up hook (HF_ZERO_CONFIG alone turns hf_zero on): copy it
+RUN pip install -e . peft \
+    && cp hf_zero_autostart.pth "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/" \
+    && python -c "import hf_zero, accelerate, transformers, _hf_zero_autostart; print(hf_zero.__version__)"
 COPY recipes ./recipes
 COPY data ./data
 COPY scripts ./scripts

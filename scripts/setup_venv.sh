@@ -7,8 +7,12 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, transformers, accelerate, safetensors, datasets, pytest, hf_zero" 2>/dev/null; then
+if ! .venv/bin/python -c "import torch, transformers, accelerate, safetensors, datasets, pytest, hf_zero, _hf_zero_autostart" 2>/dev/null; then
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet "torch==2.13.0"
   .venv/bin/pip install --quiet -e ".[test]"
 fi
+# The start-up hook (hf_zero_autostart.pth, see _hf_zero_autostart.py): a wheel install ships it,
+# an editable one does not, so put it in place here.
+SITE=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+cmp -s hf_zero_autostart.pth "$SITE/hf_zero_autostart.pth" || cp hf_zero_autostart.pth "$SITE/hf_zero_autostart.pth"

@@ -195,6 +195,46 @@ def test_hf_zero_config_on_stock_trainer_torchrun_stage2(tmp_path, reference):
     _check_trainer_run(p, out, reference, 2, STEPS)
 
 
+def test_hf_zero_config_on_plain_torchrun_without_bootstrap(tmp_path, reference):
+    """Never silent, even without ``-m hf_zero.run`` or ``enable()``: plain ``torchrun train.py``
+    with ``HF_ZERO_CONFIG`` runs hf_zero through the start-up hook (hf_zero_autostart.pth)."""
+    (tmp_path / "train.py").write_text(B.TRAINER)
+    (tmp_path / "zero.json").write_text(json.dumps(S.zero_cfg(2)))
+    out = tmp_path / "out"
+    p = _run([*_launcher("plain-torchrun"), "train.py", "--output_dir", out, *TRAIN_ARGS, *_steps(STEPS)],
+             _env(HF_ZERO_CONFIG=str(tmp_path / "zero.json")), tmp_path)
+    _check_trainer_run(p, out, reference, 2, STEPS)
+
+
+def test_startup_hook_is_inert_without_the_variable_and_opt_out():
+    """Without HF_ZERO_CONFIG nothing of hf_zero loads at start-up; HF_ZERO_AUTOSTART=0 opts out;
+    with the variable, only a finder waits (no torch import) until transformers is imported."""
+    probe = ("import sys; w = [type(f).__name__ for f in sys.meta_path if type(f).__name__ == '_WakeOnFirstImport'];"
+             "print(len(w), 'hf_zero' in sys.modules, 'torch' in sys.modules)")
+    run = lambda **extra: subprocess.run([sys.executable, "-c", probe], env=_env(**extra), capture_output=True,
+                                         text=True, check=True).stdout.split()
+    assert run() == ["0", "False", "False"]
+    assert run(HF_ZERO_CONFIG="zero.json", HF_ZERO_AUTOSTART="0") == ["0", "False", "False"]
+    assert run(HF_ZERO_CONFIG="zero.json") == ["1", "False", "False"]
+
+
+def test_wheel_ships_the_startup_hook(tmp_path):
+    """A regular (non-editable) install gets the .pth at the root of site-packages."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the repository
+    shutil.copytree(ROOT / "hf_zero", src / "hf_zero", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.py", "README.md", "_hf_zero_autostart.py", "hf_zero_autostart.pth"):
+        shutil.copy(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(src)], check=True, capture_output=True, timeout=600)
+    (wheel,) = tmp_path.glob("hf_zero-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "hf_zero_autostart.pth" in names and "_hf_zero_autostart.py" in names
+    assert zipfile.ZipFile(wheel).read("hf_zero_autostart.pth") == (ROOT / "hf_zero_autostart.pth").read_bytes()
+
+
 def test_zero_callback_on_stock_trainer_plain_torchrun(tmp_path, reference):
     """Never silent: ``Trainer(..., callbacks=[ZeroCallback(path)])`` under plain torchrun (no
     bootstrap, no --deepspeed, no HF_ZERO_CONFIG) runs hf_zero with the callback's config."""

@@ -1,0 +1,67 @@
+"""hf_zero's start-up hook: ``HF_ZERO_CONFIG`` alone turns hf_zero on, even in a process that
+never imports it (plain ``torchrun train.py`` on a stock script).
+
+``hf_zero_autostart.pth`` (installed into site-packages beside the package) runs one line when any
+interpreter of the environment starts: it imports this module only when ``HF_ZERO_CONFIG`` is set
+and ``HF_ZERO_AUTOSTART`` is not ``0``. It exists so that the "never silent" promise holds
+on every launch route: with ``HF_ZERO_CONFIG`` set, a stock Trainer / Accelerator runs on hf_zero
+(what ``python -m hf_zero.run`` and ``hf_zero.enable()`` do) instead of silently training plain DDP.
+
+Invariants:
+    * Without ``HF_ZERO_CONFIG`` (or with ``HF_ZERO_AUTOSTART=0``) start-up only reads two
+      environment variables (in the .pth line): no import, no finder, nothing patched.
+    * With it, start-up still imports nothing: one small finder waits on ``sys.meta_path`` for the
+      first import of ``transformers`` or ``accelerate``. Only then does it step aside and load
+      hf_zero's bootstrap (which imports torch, never transformers or accelerate, so the import
+      that woke it proceeds unchanged) and call :func:`hf_zero.integrations.bootstrap.enable`.
+    * A broken hf_zero install never breaks the interpreter: the ImportError is reported once on
+      stderr and the process continues without hf_zero. A configuration error from ``enable``
+      (accelerate set for DeepSpeed without a config file) is raised: it names the fix.
+"""
+
+import os
+import sys
+
+_TRIGGERS = ("transformers", "accelerate")
+
+
+class _WakeOnFirstImport:
+    """A meta-path finder that finds nothing: it runs the bootstrap once, before the first import
+    of a library the bootstrap patches, then removes itself."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name in _TRIGGERS:
+            _step_aside(self)
+            try:
+                from hf_zero.integrations.bootstrap import enable
+            except ImportError as exc:
+                print(f"hf_zero: HF_ZERO_CONFIG is set but hf_zero could not be loaded ({exc}); "
+                      "continuing WITHOUT hf_zero", file=sys.stderr, flush=True)
+                return None
+            enable()
+        return None
+
+
+def _step_aside(finder) -> None:
+    try:
+        sys.meta_path.remove(finder)
+    except ValueError:
+        pass
+
+
+def activate(environ=os.environ) -> bool:
+    """Install the finder when ``HF_ZERO_CONFIG`` asks for hf_zero; returns whether it did."""
+    if not environ.get("HF_ZERO_CONFIG") or environ.get("HF_ZERO_AUTOSTART", "1") == "0":
+        return False
+    if any(isinstance(f, _WakeOnFirstImport) for f in sys.meta_path):
+        return False
+    if any(name in sys.modules for name in _TRIGGERS):  # too late to wait: patch now
+        from hf_zero.integrations.bootstrap import enable
+
+        enable()
+        return True
+    sys.meta_path.insert(0, _WakeOnFirstImport())
+    return True
+
+
+activate()
