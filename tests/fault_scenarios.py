@@ -146,3 +146,44 @@ def frozen_peer(payload, out_dir: Path):
         error = f"{type(exc).__name__}: {exc}"
     (out_dir / f"frozen{rank}.json").write_text(__import__("json").dumps({"error": error, "seconds": time.time() - t0}))
     os._exit(3)
+
+
+def preempt_train(payload, out_dir: Path):
+    """Train steps ``[start, steps)`` (start: 0, or the step after the checkpoint in ``resume``),
+    rank 0 appending each step's global loss to ``out_dir/losses.jsonl`` as it goes (a preempted
+    run never returns). ``save_on_signal``: the engine's preemption directory. ``self_signal``:
+    ``[step, [ranks]]``: those ranks send themselves SIGTERM between that step's forward and its
+    backward. ``sleep``: seconds per step (room for a signal from outside). ``progress``: each
+    rank writes the last step it began to ``out_dir/progress<rank>``."""
+    import json
+
+    rank, world = init_distributed()
+    cfg = dict(payload.get("config", {}))
+    if payload.get("save_on_signal"):
+        cfg["hf_zero"] = {**cfg.get("hf_zero", {}), "save_on_signal": payload["save_on_signal"]}
+    engine = make_engine({**payload, "config": cfg})
+    start = 0
+    if payload.get("resume"):
+        engine.load_checkpoint(payload["resume"])
+        start = engine.global_steps
+    at, who = payload.get("self_signal") or (None, [])
+    losses = []
+    log = open(out_dir / "losses.jsonl", "a") if rank == 0 else None
+    for step in range(start, payload["steps"]):
+        (out_dir / f"progress{rank}").write_text(str(step))
+        ids = batch(step, rank, world)
+        loss = engine(input_ids=ids, labels=ids).loss
+        mean = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(mean)
+            mean /= world
+        losses.append(float(mean))
+        if log is not None:
+            log.write(json.dumps({"step": step, "loss": float(mean), "world": world}) + "\n")
+            log.flush()
+        if step == at and rank in who:
+            os.kill(os.getpid(), signal.SIGTERM)
+        engine.backward(loss)
+        time.sleep(payload.get("sleep", 0.0))
+        engine.step()
+    return {"losses": losses, "start": start, "global_steps": engine.global_steps}
