@@ -725,6 +725,8 @@ class HFZeroConfig:
     save_on_signal: a checkpoint directory; when set, SIGTERM makes every rank finish the current
     optimizer step, save a checkpoint there (tag save_on_signal_tag, default global_step<N>) and
     exit 0 (see hf_zero.engine.preempt). Null (default): SIGTERM keeps its usual meaning.
+    swap_checksums: NVMe offload keeps a checksum per swap write and verifies it on read (a swap
+    file overwritten or truncated on disk fails naming the file, instead of NaN weights).
     """
 
     skip_non_finite_steps: bool = True
@@ -732,6 +734,7 @@ class HFZeroConfig:
     check_unit_order: bool = True
     save_on_signal: str | None = None
     save_on_signal_tag: str | None = None
+    swap_checksums: bool = True
 
     def __post_init__(self) -> None:
         s = object.__setattr__
@@ -739,6 +742,7 @@ class HFZeroConfig:
         s(self, "max_consecutive_skipped_steps",
           _int("max_consecutive_skipped_steps", self.max_consecutive_skipped_steps, minimum=0))
         s(self, "check_unit_order", _bool("check_unit_order", self.check_unit_order))
+        s(self, "swap_checksums", _bool("swap_checksums", self.swap_checksums))
         for key in ("save_on_signal", "save_on_signal_tag"):
             value = getattr(self, key)
             if isinstance(value, os.PathLike):

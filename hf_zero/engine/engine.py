@@ -333,7 +333,8 @@ class ZeroEngine:
         aio = self.config.aio
         return ParamSwap(sizes, unit_of, nvme_path=op.nvme_path, rank=self.rank,
                          buffer_count=max(2, op.buffer_count), block_size=aio.block_size,
-                         threads=max(1, aio.thread_count), pin=self.device.type == "cuda")
+                         threads=max(1, aio.thread_count), pin=self.device.type == "cuda",
+                         checksums=self.config.hf_zero.swap_checksums)
 
     # -- where a flat's shard lives: its tensor, or (parameter offload to NVMe) a swap region
     def read_shard(self, f: FlatParam) -> torch.Tensor:
