@@ -187,3 +187,62 @@ def preempt_train(payload, out_dir: Path):
         time.sleep(payload.get("sleep", 0.0))
         engine.step()
     return {"losses": losses, "start": start, "global_steps": engine.global_steps}
+
+
+def _report_frozen(out_dir: Path, rank: int, run) -> None:
+    """Run ``run()``, write what this rank saw to ``frozen<rank>.json`` and leave at once (a
+    stopped peer cannot join the teardown)."""
+    import json
+
+    t0 = time.time()
+    try:
+        run()
+        error = None
+    except Exception as exc:  # noqa: BLE001 - the test inspects the type and message
+        error = f"{type(exc).__name__}: {exc}"
+    (out_dir / f"frozen{rank}.json").write_text(json.dumps({"error": error, "seconds": time.time() - t0}))
+    os._exit(3)
+
+
+def frozen_peer_accelerate(payload, out_dir: Path):
+    """ZeroAccelerator(zero_plugin=ZeroPlugin(cfg, timeout=T)): rank 1 stops itself (SIGSTOP)
+    before its backward; rank 0 must fail with CollectiveTimeout within about T seconds."""
+    from integration_scenarios import samples, zero_cfg
+
+    accelerator = hf_zero.ZeroAccelerator(zero_plugin=hf_zero.ZeroPlugin(zero_cfg(2), timeout=payload["timeout"]),
+                                          cpu=True)
+    rank = accelerator.process_index
+    model = build("llama")
+    opt = torch.optim.AdamW(grouped_params(model), lr=1e-2)
+    data = [{"input_ids": x, "labels": x.clone()} for x in samples(8)]
+    dl = torch.utils.data.DataLoader(data, batch_size=2, shuffle=False)
+    model, opt, dl = accelerator.prepare(model, opt, dl)
+    batch = next(iter(dl))
+    loss = model(**batch).loss
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    def run():
+        accelerator.backward(loss)
+        opt.step()
+
+    _report_frozen(out_dir, rank, run)
+
+
+def frozen_peer_trainer(payload, out_dir: Path):
+    """ZeroTrainer with TrainingArguments(ddp_timeout=T): rank 1 stops itself (SIGSTOP) at the
+    start of step 2; rank 0 must fail with CollectiveTimeout within about T seconds."""
+    from transformers import TrainerCallback
+
+    from integration_scenarios import sequential, trainer_dataset, trainer_kwargs, zero_cfg
+
+    class FreezeRank1(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1 and dist.get_rank() == 1:
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+    args = hf_zero.ZeroTrainingArguments(zero_config=zero_cfg(2), ddp_timeout=payload["timeout"],
+                                         **trainer_kwargs(out_dir / "trainer", 2, max_steps=4))
+    trainer = sequential(hf_zero.ZeroTrainer)(model=build("llama"), args=args, train_dataset=trainer_dataset(),
+                                               callbacks=[FreezeRank1()])
+    _report_frozen(out_dir, dist.get_rank(), trainer.train)

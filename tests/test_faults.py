@@ -93,3 +93,19 @@ def test_frozen_peer_ends_within_the_timeout(tmp_path):
     r = json.loads((tmp_path / "run" / "frozen0.json").read_text())
     assert r["error"] and "CollectiveTimeout: rank 0:" in r["error"] and "timeout" in r["error"], r
     assert r["seconds"] < 30, r
+
+
+@pytest.mark.parametrize("route", ["accelerate", "trainer"])
+def test_frozen_peer_ends_within_the_integrations_timeout(tmp_path, route):
+    """ZeroPlugin(timeout=10) (Accelerate) and TrainingArguments(ddp_timeout=10) (Trainer) reach
+    the engine's collectives: a peer frozen with SIGSTOP ends rank 0 with CollectiveTimeout
+    naming the rank and the operation, after about 10 s, not torch's default 1800 s."""
+    import json
+
+    with pytest.raises(AssertionError, match="failed on rank"):
+        launch(2, f"fault_scenarios:frozen_peer_{route}", {"timeout": 10}, tmp_path / "run", timeout=180)
+    r = json.loads((tmp_path / "run" / "frozen0.json").read_text())
+    assert r["error"] and "CollectiveTimeout: rank 0:" in r["error"] and "timeout" in r["error"], r
+    assert "reduce_scatter" in r["error"] or "all_reduce" in r["error"] or "all_gather" in r["error"], r
+    assert 9 <= r["seconds"] < 40, r
+    print(f"{route}: {r['seconds']:.1f} s: {r['error'][:160]}")
