@@ -246,3 +246,24 @@ def frozen_peer_trainer(payload, out_dir: Path):
     trainer = sequential(hf_zero.ZeroTrainer)(model=build("llama"), args=args, train_dataset=trainer_dataset(),
                                                callbacks=[FreezeRank1()])
     _report_frozen(out_dir, dist.get_rank(), trainer.train)
+
+
+def preempt_trainer(payload, out_dir: Path):
+    """ZeroTrainer with ``hf_zero.save_on_signal``: rank 1 sends itself SIGTERM at the start of
+    optimizer step ``at``; rank 0 writes the step it began last to ``out_dir/progress0``."""
+    from transformers import TrainerCallback
+
+    from integration_scenarios import sequential, trainer_dataset, trainer_kwargs, zero_cfg
+
+    class SignalRank1(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            (out_dir / f"progress{dist.get_rank()}").write_text(str(state.global_step))
+            if state.global_step == payload["at"] and dist.get_rank() == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = zero_cfg(2, hf_zero={"save_on_signal": payload["save_on_signal"]})
+    args = hf_zero.ZeroTrainingArguments(zero_config=cfg, **trainer_kwargs(out_dir / "trainer", 2, max_steps=6))
+    trainer = sequential(hf_zero.ZeroTrainer)(model=build("llama"), args=args, train_dataset=trainer_dataset(),
+                                               callbacks=[SignalRank1()])
+    trainer.train()
+    return {"finished": True}

@@ -22,7 +22,7 @@ STEPS = 8
 BASE = {"stage": 2, "steps": STEPS}
 
 
-def spawn(world: int, payload: dict, out_dir: Path):
+def spawn(world: int, payload: dict, out_dir: Path, scenario: str = "fault_scenarios:preempt_train"):
     """Start the ranks of ``fault_scenarios:preempt_train`` as tests/launch.py does, without
     waiting (the test signals them), returning the Popen objects."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -34,8 +34,8 @@ def spawn(world: int, payload: dict, out_dir: Path):
                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                  PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), e.get("PYTHONPATH", "")]))
         log = open(out_dir / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "_worker.py"), "fault_scenarios:preempt_train",
-                                       str(out_dir)], env=e, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "_worker.py"), scenario, str(out_dir)],
+                                      env=e, stdout=log, stderr=subprocess.STDOUT))
         log.close()
     return procs
 
@@ -131,3 +131,17 @@ def test_without_save_on_signal_sigterm_keeps_its_meaning(tmp_path):
     codes, logs = wait_all(procs, run)
     assert codes[0] == -signal.SIGTERM, logs
     assert not (tmp_path / "preempt").exists()
+
+
+@pytest.mark.slow
+def test_trainer_run_stops_after_the_update_and_exits_0(tmp_path):
+    """Through the Trainer (the engine's apply_update hook): SIGTERM on rank 1 at the start of
+    update 3 (of 6) -> both ranks finish that update, save global_step3, exit 0."""
+    save, run = tmp_path / "preempt", tmp_path / "run"
+    procs = spawn(2, {"save_on_signal": str(save), "at": 2}, run, scenario="fault_scenarios:preempt_trainer")
+    codes, logs = wait_all(procs, run, timeout=180)
+    assert codes == [0, 0], logs
+    assert resolve_tag(save, None).name == "global_step3", logs
+    Index.read(resolve_tag(save, None)).check_files()
+    assert (run / "progress0").read_text() == "2"  # no later update began
+    assert not (run / "rank0.json").exists()  # train() never returned
