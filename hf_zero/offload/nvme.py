@@ -285,6 +285,7 @@ class NvmeSwapStore:
         self.checksums = bool(checksums)
         # kind -> {byte position: [span bytes, checksum or None while the write is in flight]}
         self._sums: Dict[str, Dict[int, list]] = {k: {} for k in self.numels}
+        self._sums_lock = threading.Lock()  # write()/read() may come from more than one thread
 
     # -- set-up ---------------------------------------------------------------------------------
     def _fail(self, problem: str, fix: str, need: Optional[int] = None, free: Optional[int] = None,
@@ -496,7 +497,11 @@ class NvmeSwapStore:
         """Forget the checksums of every range this write overlaps; new (pending) ones for its spans."""
         if not self.checksums:
             return [None] * len(spans)
-        table = self._sums[name]
+        with self._sums_lock:
+            return self._new_entries(self._sums[name], pos, spans)
+
+    @staticmethod
+    def _new_entries(table: Dict[int, list], pos: int, spans: List[Tuple[int, int]]) -> List[list]:
         lo, hi = pos, pos + (spans[-1][1] if spans else 0)
         first = table.get(lo)
         if not (first is not None and spans and first[0] == spans[0][1] - spans[0][0]
@@ -512,11 +517,11 @@ class NvmeSwapStore:
     def _entries_for_read(self, name: str, pos: int, spans: List[Tuple[int, int]]) -> List[Optional[list]]:
         if not self.checksums:
             return [None] * len(spans)
-        table = self._sums[name]
-        out = []
-        for a, b in spans:
-            entry = table.get(pos + a)
-            out.append(entry if entry is not None and entry[0] == b - a else None)
+        table, out = self._sums[name], []
+        with self._sums_lock:
+            for a, b in spans:
+                entry = table.get(pos + a)
+                out.append(entry if entry is not None and entry[0] == b - a else None)
         return out
 
     def write(self, name: str, tensor: torch.Tensor, offset: int = 0) -> Future:
