@@ -722,11 +722,19 @@ class HFZeroConfig:
     stops as DeepSpeed does, at an overflow with the scale already at min_loss_scale.
     check_unit_order: at stage 3, all ranks agree on the unit before every all-gather (a clear
     error for rank-dependent control flow instead of mismatched collectives; see docs/engine.md).
+    save_on_signal: a checkpoint directory; when set, SIGTERM makes every rank finish the current
+    optimizer step, save a checkpoint there (tag save_on_signal_tag, default global_step<N>) and
+    exit 0 (see hf_zero.engine.preempt). Null (default): SIGTERM keeps its usual meaning.
+    swap_checksums: NVMe offload keeps a checksum per swap write and verifies it on read (a swap
+    file overwritten or truncated on disk fails naming the file, instead of NaN weights).
     """
 
     skip_non_finite_steps: bool = True
     max_consecutive_skipped_steps: int = 10
     check_unit_order: bool = True
+    save_on_signal: str | None = None
+    save_on_signal_tag: str | None = None
+    swap_checksums: bool = True
 
     def __post_init__(self) -> None:
         s = object.__setattr__
@@ -734,6 +742,18 @@ class HFZeroConfig:
         s(self, "max_consecutive_skipped_steps",
           _int("max_consecutive_skipped_steps", self.max_consecutive_skipped_steps, minimum=0))
         s(self, "check_unit_order", _bool("check_unit_order", self.check_unit_order))
+        s(self, "swap_checksums", _bool("swap_checksums", self.swap_checksums))
+        for key in ("save_on_signal", "save_on_signal_tag"):
+            value = getattr(self, key)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+                s(self, key, value)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise _fail(key, "a non-empty path string or null" if key == "save_on_signal"
+                            else "a non-empty tag string or null", value)
+        tag = self.save_on_signal_tag
+        if tag is not None and (tag in (".", "..") or "/" in tag or os.sep in tag):
+            raise _fail("save_on_signal_tag", "a tag name (no path separator)", tag)
 
 
 @dataclass(frozen=True)

@@ -146,3 +146,124 @@ def frozen_peer(payload, out_dir: Path):
         error = f"{type(exc).__name__}: {exc}"
     (out_dir / f"frozen{rank}.json").write_text(__import__("json").dumps({"error": error, "seconds": time.time() - t0}))
     os._exit(3)
+
+
+def preempt_train(payload, out_dir: Path):
+    """Train steps ``[start, steps)`` (start: 0, or the step after the checkpoint in ``resume``),
+    rank 0 appending each step's global loss to ``out_dir/losses.jsonl`` as it goes (a preempted
+    run never returns). ``save_on_signal``: the engine's preemption directory. ``self_signal``:
+    ``[step, [ranks]]``: those ranks send themselves SIGTERM between that step's forward and its
+    backward. ``sleep``: seconds per step (room for a signal from outside). ``progress``: each
+    rank writes the last step it began to ``out_dir/progress<rank>``."""
+    import json
+
+    rank, world = init_distributed()
+    cfg = dict(payload.get("config", {}))
+    if payload.get("save_on_signal"):
+        cfg["hf_zero"] = {**cfg.get("hf_zero", {}), "save_on_signal": payload["save_on_signal"]}
+    engine = make_engine({**payload, "config": cfg})
+    start = 0
+    if payload.get("resume"):
+        engine.load_checkpoint(payload["resume"])
+        start = engine.global_steps
+    at, who = payload.get("self_signal") or (None, [])
+    losses = []
+    log = open(out_dir / "losses.jsonl", "a") if rank == 0 else None
+    for step in range(start, payload["steps"]):
+        (out_dir / f"progress{rank}").write_text(str(step))
+        ids = batch(step, rank, world)
+        loss = engine(input_ids=ids, labels=ids).loss
+        mean = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(mean)
+            mean /= world
+        losses.append(float(mean))
+        if log is not None:
+            log.write(json.dumps({"step": step, "loss": float(mean), "world": world}) + "\n")
+            log.flush()
+        if step == at and rank in who:
+            os.kill(os.getpid(), signal.SIGTERM)
+        engine.backward(loss)
+        time.sleep(payload.get("sleep", 0.0))
+        engine.step()
+    return {"losses": losses, "start": start, "global_steps": engine.global_steps}
+
+
+def _report_frozen(out_dir: Path, rank: int, run) -> None:
+    """Run ``run()``, write what this rank saw to ``frozen<rank>.json`` and leave at once (a
+    stopped peer cannot join the teardown)."""
+    import json
+
+    t0 = time.time()
+    try:
+        run()
+        error = None
+    except Exception as exc:  # noqa: BLE001 - the test inspects the type and message
+        error = f"{type(exc).__name__}: {exc}"
+    (out_dir / f"frozen{rank}.json").write_text(json.dumps({"error": error, "seconds": time.time() - t0}))
+    os._exit(3)
+
+
+def frozen_peer_accelerate(payload, out_dir: Path):
+    """ZeroAccelerator(zero_plugin=ZeroPlugin(cfg, timeout=T)): rank 1 stops itself (SIGSTOP)
+    before its backward; rank 0 must fail with CollectiveTimeout within about T seconds."""
+    from integration_scenarios import samples, zero_cfg
+
+    accelerator = hf_zero.ZeroAccelerator(zero_plugin=hf_zero.ZeroPlugin(zero_cfg(2), timeout=payload["timeout"]),
+                                          cpu=True)
+    rank = accelerator.process_index
+    model = build("llama")
+    opt = torch.optim.AdamW(grouped_params(model), lr=1e-2)
+    data = [{"input_ids": x, "labels": x.clone()} for x in samples(8)]
+    dl = torch.utils.data.DataLoader(data, batch_size=2, shuffle=False)
+    model, opt, dl = accelerator.prepare(model, opt, dl)
+    batch = next(iter(dl))
+    loss = model(**batch).loss
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    def run():
+        accelerator.backward(loss)
+        opt.step()
+
+    _report_frozen(out_dir, rank, run)
+
+
+def frozen_peer_trainer(payload, out_dir: Path):
+    """ZeroTrainer with TrainingArguments(ddp_timeout=T): rank 1 stops itself (SIGSTOP) at the
+    start of step 2; rank 0 must fail with CollectiveTimeout within about T seconds."""
+    from transformers import TrainerCallback
+
+    from integration_scenarios import sequential, trainer_dataset, trainer_kwargs, zero_cfg
+
+    class FreezeRank1(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1 and dist.get_rank() == 1:
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+    args = hf_zero.ZeroTrainingArguments(zero_config=zero_cfg(2), ddp_timeout=payload["timeout"],
+                                         **trainer_kwargs(out_dir / "trainer", 2, max_steps=4))
+    trainer = sequential(hf_zero.ZeroTrainer)(model=build("llama"), args=args, train_dataset=trainer_dataset(),
+                                               callbacks=[FreezeRank1()])
+    _report_frozen(out_dir, dist.get_rank(), trainer.train)
+
+
+def preempt_trainer(payload, out_dir: Path):
+    """ZeroTrainer with ``hf_zero.save_on_signal``: rank 1 sends itself SIGTERM at the start of
+    optimizer step ``at``; rank 0 writes the step it began last to ``out_dir/progress0``."""
+    from transformers import TrainerCallback
+
+    from integration_scenarios import sequential, trainer_dataset, trainer_kwargs, zero_cfg
+
+    class SignalRank1(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            (out_dir / f"progress{dist.get_rank()}").write_text(str(state.global_step))
+            if state.global_step == payload["at"] and dist.get_rank() == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = zero_cfg(2, hf_zero={"save_on_signal": payload["save_on_signal"]})
+    args = hf_zero.ZeroTrainingArguments(zero_config=cfg, **trainer_kwargs(out_dir / "trainer", 2, max_steps=6))
+    trainer = sequential(hf_zero.ZeroTrainer)(model=build("llama"), args=args, train_dataset=trainer_dataset(),
+                                               callbacks=[SignalRank1()])
+    trainer.train()
+    return {"finished": True}

@@ -93,3 +93,45 @@ def test_frozen_peer_ends_within_the_timeout(tmp_path):
     r = json.loads((tmp_path / "run" / "frozen0.json").read_text())
     assert r["error"] and "CollectiveTimeout: rank 0:" in r["error"] and "timeout" in r["error"], r
     assert r["seconds"] < 30, r
+
+
+@pytest.mark.parametrize("route", ["accelerate", "trainer"])
+def test_frozen_peer_ends_within_the_integrations_timeout(tmp_path, route):
+    """ZeroPlugin(timeout=10) (Accelerate) and TrainingArguments(ddp_timeout=10) (Trainer) reach
+    the engine's collectives: a peer frozen with SIGSTOP ends rank 0 with CollectiveTimeout
+    naming the rank and the operation, after about 10 s, not torch's default 1800 s."""
+    import json
+
+    with pytest.raises(AssertionError, match="failed on rank"):
+        launch(2, f"fault_scenarios:frozen_peer_{route}", {"timeout": 10}, tmp_path / "run", timeout=180)
+    r = json.loads((tmp_path / "run" / "frozen0.json").read_text())
+    assert r["error"] and "CollectiveTimeout: rank 0:" in r["error"] and "timeout" in r["error"], r
+    assert "reduce_scatter" in r["error"] or "all_reduce" in r["error"] or "all_gather" in r["error"], r
+    assert 9 <= r["seconds"] < 40, r
+    print(f"{route}: {r['seconds']:.1f} s: {r['error'][:160]}")
+
+
+def test_zero_plugin_timeout_is_checked():
+    """ZeroPlugin(timeout=) takes seconds or a timedelta; a contradicting InitProcessGroupKwargs
+    in the Accelerator's kwargs_handlers is refused naming both values."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    import hf_zero
+    from hf_zero.integrations.accelerate import _with_timeout
+
+    cfg = {"train_batch_size": 2}
+    assert hf_zero.ZeroPlugin(cfg, timeout=7).timeout == timedelta(seconds=7)
+    assert hf_zero.ZeroPlugin(cfg, timeout=timedelta(minutes=1)).timeout == timedelta(seconds=60)
+    assert hf_zero.ZeroPlugin(cfg).timeout is None
+    for bad in ("10", -1, 0, float("nan"), True):
+        with pytest.raises(ValueError, match=r"ZeroPlugin\(timeout="):
+            hf_zero.ZeroPlugin(cfg, timeout=bad)
+    plugin = hf_zero.ZeroPlugin(cfg, timeout=10)
+    kwargs = _with_timeout(plugin, {"cpu": True})
+    [handler] = kwargs["kwargs_handlers"]
+    assert isinstance(handler, InitProcessGroupKwargs) and handler.timeout == timedelta(seconds=10)
+    with pytest.raises(ValueError, match=r"timeout=10\) and kwargs_handlers=\[InitProcessGroupKwargs\(timeout=60"):
+        hf_zero.ZeroAccelerator(zero_plugin=plugin, cpu=True,
+                                kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=60))])

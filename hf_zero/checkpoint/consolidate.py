@@ -91,12 +91,13 @@ class HFShardWriter:
         try:
             save_file(self.current, str(self.out_dir / tmp), metadata={"format": "pt"})
         except Exception as exc:  # noqa: BLE001 - safetensors reports I/O errors as its own type
-            (self.out_dir / tmp).unlink(missing_ok=True)
-            self.abort()
             from .sharded import _as_os_error, _disk_error
 
             err = exc if isinstance(exc, OSError) else _as_os_error(exc)
-            raise CheckpointError(_disk_error(err, self.out_dir / tmp, self.current_bytes)) from None
+            message = _disk_error(err, self.out_dir / tmp, self.current_bytes)  # before abort() resets it
+            (self.out_dir / tmp).unlink(missing_ok=True)
+            self.abort()
+            raise CheckpointError(message) from None
         self.shards.append((tmp, list(self.current)))
         self.current, self.current_bytes = {}, 0
 

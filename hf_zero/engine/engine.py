@@ -172,6 +172,11 @@ class ZeroEngine:
             self.runtime.on_unit_reduced = self._on_unit_reduced
         self._report_start_divergence()
         self.comm.take_totals()  # the start-up broadcast is not part of any step
+        self._preempt = None  # hf_zero.save_on_signal: SIGTERM -> save at the next boundary, exit 0
+        if hz.save_on_signal is not None and not self.inference_only:
+            from .preempt import PreemptionGuard
+
+            self._preempt = PreemptionGuard(hz.save_on_signal, hz.save_on_signal_tag, self.rank)
 
     # ------------------------------------------------------------------------------ set-up
     @torch.no_grad()
@@ -331,7 +336,8 @@ class ZeroEngine:
         aio = self.config.aio
         return ParamSwap(sizes, unit_of, nvme_path=op.nvme_path, rank=self.rank,
                          buffer_count=max(2, op.buffer_count), block_size=aio.block_size,
-                         threads=max(1, aio.thread_count), pin=self.device.type == "cuda")
+                         threads=max(1, aio.thread_count), pin=self.device.type == "cuda",
+                         checksums=self.config.hf_zero.swap_checksums)
 
     # -- where a flat's shard lives: its tensor, or (parameter offload to NVMe) a swap region
     def read_shard(self, f: FlatParam) -> torch.Tensor:
@@ -484,12 +490,26 @@ class ZeroEngine:
         self.micro_steps += 1
         if boundary:
             self._optimizer_step()
+            self._stop_if_preempted()
 
     def apply_update(self) -> None:
         """Update the weights now from the gradients accumulated so far, whatever the micro-step
         counter says (for integrations that track accumulation themselves, as Accelerate does)."""
         self._require_optimizer("apply_update")
         self._optimizer_step()
+        self._stop_if_preempted()
+
+    def _stop_if_preempted(self) -> None:
+        """hf_zero.save_on_signal (hf_zero/engine/preempt.py): the ranks agree, at this step
+        boundary, whether any of them got SIGTERM; if so every rank saves and exits 0."""
+        if self._preempt is None:
+            return
+        reduce = None
+        if self.world_size > 1:
+            def reduce(flag):
+                self.comm.all_reduce(flag, op="max", control=True)
+        if self._preempt.agreed(reduce, self.device):
+            self._preempt.stop(self)
 
     def _require_optimizer(self, what: str) -> None:
         if self.optimizer is None:
@@ -798,6 +818,9 @@ class ZeroEngine:
     def destroy(self) -> None:
         """Remove the engine's hooks and release offload resources (swap files); the parameters
         stay views of the flat buffers."""
+        if self._preempt is not None:
+            self._preempt.close()
+            self._preempt = None
         self.runtime.remove()
         if self.host is not None:
             self.flush_pending_update()

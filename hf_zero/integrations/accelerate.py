@@ -18,6 +18,11 @@ Note:
     * ``clip_grad_norm_`` cannot return the norm at call time without an extra reduction: it
       records ``max_norm`` for the coming update and returns a 0-d tensor that the update fills
       with the global gradient norm before clipping (NaN until then).
+    * ``ZeroPlugin(timeout=)`` becomes the process group's timeout (Accelerate's
+      ``InitProcessGroupKwargs``) when the ``ZeroAccelerator`` creates the group, and is set on a
+      group that already exists (torch's ``_set_pg_timeout``; an error if that cannot be done).
+      Every engine collective then ends a frozen peer with a ``CollectiveTimeout`` naming this
+      rank and the operation. The Trainer passes ``TrainingArguments.ddp_timeout`` this way.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import json
 import math
 import os
 import sys
+from datetime import timedelta
 from typing import Any, Dict, List, Optional, Set
 
 import torch
@@ -54,9 +60,14 @@ class ZeroPlugin:
     ``values`` / ``explicit`` (set by integrations such as the Trainer) override what the
     Accelerator would derive for "auto" keys; ``origins`` names where each value came from, for
     error messages.
+
+    ``timeout`` (seconds or a ``timedelta``): the process group's timeout for every collective,
+    so a frozen peer ends the job with an error instead of torch's default 30-minute wait (see
+    the module note).
     """
 
-    def __init__(self, config: Any = None):
+    def __init__(self, config: Any = None, *, timeout: Any = None):
+        self.timeout: Optional[timedelta] = _as_timeout(timeout)
         if config is None:
             config = os.environ.get(ENV_CONFIG) or None
             if config is None:
@@ -84,7 +95,81 @@ class ZeroPlugin:
         return self.config.stage
 
     def __repr__(self) -> str:
-        return f"ZeroPlugin(stage={self.stage}, source={self.config.source!r})"
+        extra = f", timeout={self.timeout.total_seconds():g}s" if self.timeout is not None else ""
+        return f"ZeroPlugin(stage={self.stage}, source={self.config.source!r}{extra})"
+
+
+def _as_timeout(value: Any) -> Optional[timedelta]:
+    if value is None or isinstance(value, timedelta):
+        seconds = None if value is None else value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ValueError(f"ZeroPlugin(timeout={value!r}): expected seconds (a number) or a datetime.timedelta")
+    if seconds is None:
+        return None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"ZeroPlugin(timeout={value!r}): the timeout must be a positive, finite number of seconds")
+    return timedelta(seconds=seconds)
+
+
+def _existing_group_timeout() -> Optional[timedelta]:
+    """The timeout of the default process group if one exists (None if none, or unknown)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        try:
+            return dist.group.WORLD._get_backend(device).options._timeout
+        except Exception:  # noqa: BLE001 - no backend for that device, or a torch without the field
+            continue
+    return None
+
+
+def _with_timeout(plugin: "ZeroPlugin", kwargs: dict) -> dict:
+    """``kwargs`` for ``Accelerator.__init__`` with the plugin's timeout in its
+    ``InitProcessGroupKwargs`` (checked against one the caller passed, and an existing group)."""
+    if plugin.timeout is None:
+        return kwargs
+    from accelerate.utils import InitProcessGroupKwargs
+
+    seconds = plugin.timeout.total_seconds()
+    handlers = list(kwargs.get("kwargs_handlers") or [])
+    given = [h for h in handlers if isinstance(h, InitProcessGroupKwargs)]
+    if given and given[0].timeout is not None and given[0].timeout != plugin.timeout:
+        raise ValueError(
+            f"ZeroPlugin(timeout={seconds:g}) and kwargs_handlers=[InitProcessGroupKwargs(timeout="
+            f"{given[0].timeout.total_seconds():g} s)] disagree: give the timeout once")
+    if given:
+        given[0].timeout = plugin.timeout
+    else:
+        handlers.append(InitProcessGroupKwargs(timeout=plugin.timeout))
+    return {**kwargs, "kwargs_handlers": handlers}
+
+
+def _apply_timeout_to_group(timeout: Optional[timedelta]) -> None:
+    """A group created before (by transformers' ``TrainingArguments`` on CPU, which does not pass
+    ``ddp_timeout`` on that path, or by the user) gets ``timeout`` now: torch's
+    ``_set_pg_timeout`` sets each backend's default, which every later collective uses (checked by
+    reading it back; tests/test_faults.py::test_frozen_peer_ends_within_the_integrations_timeout)."""
+    existing = _existing_group_timeout()
+    if timeout is None or existing is None or existing == timeout:
+        return
+    import torch.distributed.distributed_c10d as c10d
+
+    try:
+        c10d._set_pg_timeout(timeout, None)
+        now = _existing_group_timeout()
+    except Exception as exc:  # noqa: BLE001 - a torch without that private function
+        now, why = None, f" ({type(exc).__name__}: {exc})"
+    else:
+        why = ""
+    if now != timeout:
+        raise ValueError(
+            f"ZeroPlugin(timeout={timeout.total_seconds():g}): the process group already exists with a timeout of "
+            f"{existing.total_seconds():g} s and this torch cannot change it{why}. Set it where the group is "
+            "created (PartialState(timeout=...), hf_zero.initialize(timeout=...)) or build the ZeroAccelerator first")
 
 
 class ZeroOptimizer(AcceleratedOptimizer):
@@ -135,7 +220,8 @@ class ZeroAccelerator(Accelerator):
         self._zero_explicit_gas = (
             "gradient_accumulation_steps" in kwargs or kwargs.get("gradient_accumulation_plugin") is not None
         )
-        super().__init__(**kwargs)
+        super().__init__(**_with_timeout(self.zero_plugin, kwargs))
+        _apply_timeout_to_group(self.zero_plugin.timeout)
         check_world_size(self.num_processes)
         if self.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
             raise ValueError(f"ZeroAccelerator supports CPU and CUDA processes, not {self.distributed_type}")

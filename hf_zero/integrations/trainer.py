@@ -222,7 +222,8 @@ class ZeroTrainerMixin:
                 raise ValueError(f"the ZeroCallback's config {user_cb.config!r} and the arguments' zero_config / "
                                  f"deepspeed {config!r} differ: give the ZeRO config once")
             config = user_cb.config
-        plugin = ZeroPlugin(config)
+        # ddp_timeout: transformers passes it to the process group on GPUs only, not with use_cpu
+        plugin = ZeroPlugin(config, timeout=self.args.ddp_timeout)
         accel_args = dict(self._zero_accelerator_args)
         accel_args.pop("deepspeed_plugin", None)
         self.accelerator = ZeroAccelerator(zero_plugin=plugin, **accel_args)

@@ -12,6 +12,7 @@ from hf_zero.offload.nvme import (
     NvmeSwapStore,
     OffloadError,
     Region,
+    SwapIntegrityError,
     SwapPipeline,
     aligned_empty,
     capacity_bytes,
@@ -19,7 +20,7 @@ from hf_zero.offload.nvme import (
 )
 
 __all__ = [
-    "ALIGN", "ALIGN_ELEMS", "NvmeSwapStore", "OffloadError", "Region", "SwapPipeline",
+    "ALIGN", "ALIGN_ELEMS", "NvmeSwapStore", "OffloadError", "Region", "SwapIntegrityError", "SwapPipeline",
     "adamw_reference", "aligned_empty", "capacity_bytes", "cpu_threads_per_rank",
     "fused_adamw_step", "region_layout",
 ]

@@ -79,7 +79,8 @@ class HostStep:
             self.offsets, total = region_layout([f.shard_numel for f in self.flats])
             self.regions = [Region(o, f.shard_numel) for o, f in zip(self.offsets, self.flats)]
             self.store = NvmeSwapStore(nvme_path, engine.rank, {k: total for k in self.kinds},
-                                       block_size=aio_block_size, threads=aio_threads)
+                                       block_size=aio_block_size, threads=aio_threads,
+                                       checksums=engine.config.hf_zero.swap_checksums)
             self.buffer_count = max(2, buffer_count)
             for i, f in enumerate(self.flats):  # initial masters go to disk; RAM is released
                 self.store.write_from("master", f.master, self.offsets[i])

@@ -19,6 +19,13 @@ Note:
       block. Anything else (a misaligned tensor, the partial last 4 KiB of a read) goes through a
       per-thread aligned staging buffer, ``block_size`` bytes per call.
     * A tensor handed to ``write``/``read`` must not be touched until its future resolves.
+    * Integrity (``checksums=True``, the default): every span a ``write`` moves gets a checksum
+      of its bytes (``DIGEST``: xxh3-64 when the ``xxhash`` package is there, else CRC-32), computed by the I/O thread and kept in memory, keyed by kind and byte range; a
+      ``read`` of the same range verifies it and fails with :class:`SwapIntegrityError` naming
+      the file, the range and both checksums. A write drops the checksums of every range it
+      overlaps, so a range is only ever checked against what was last written there. Before
+      every read the file's size is compared with its preallocated size (one ``fstat``): a
+      truncated file fails naming the file and both sizes, never a short read deep in a thread.
     * Cleanup: ``close()`` removes the files; so do garbage collection of the store, interpreter
       exit (also after an uncaught exception) and SIGTERM / SIGINT, whose previous handlers are
       then chained (SIGINT still raises ``KeyboardInterrupt``; a default SIGTERM still kills the
@@ -36,6 +43,15 @@ import os
 import signal
 import threading
 import weakref
+import zlib
+
+try:  # xxh3 (~10 GB/s a core; the xxhash package comes with datasets, a dependency), else CRC-32
+    from xxhash import xxh3_64_intdigest as _digest_fn
+
+    DIGEST = "xxh3-64"
+except ImportError:  # pragma: no cover - depends on the environment
+    _digest_fn = zlib.crc32
+    DIGEST = "crc32"
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -51,6 +67,14 @@ MAX_REQUEST = 1 << 30           # bytes per zero-copy pwrite/preadv call (Linux 
 
 class OffloadError(ValueError):
     """A swap directory that cannot be used, or a transfer that does not fit its file."""
+
+
+class SwapIntegrityError(OffloadError):
+    """A swap file whose contents or size changed on disk since hf_zero wrote it."""
+
+
+_LOST = ("the values kept there are lost: resume from the last checkpoint, and give this job an nvme_path "
+         "that nothing else writes to (another job? a cleanup script? a failing disk?)")
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -216,10 +240,11 @@ class NvmeSwapStore:
             thread, and the size of each staged request (misaligned memory, the partial tail).
         threads: I/O threads: a transfer is cut into at most this many spans moved at once.
         use_direct: try ``O_DIRECT`` (False forces buffered I/O).
+        checksums: keep a checksum per written span and verify it on read (see the module note).
     """
 
     def __init__(self, path: str, rank: int, tensors: Mapping[str, int], *, block_size: int = 1 << 20,
-                 threads: int = 4, use_direct: bool = True):
+                 threads: int = 4, use_direct: bool = True, checksums: bool = True):
         if block_size <= 0 or block_size % ALIGN:
             raise ValueError(f"block_size must be a positive multiple of {ALIGN} bytes, got {block_size}")
         if threads < 1:
@@ -257,6 +282,10 @@ class NvmeSwapStore:
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"hf_zero-swap{self.rank}")
         self._closed = False
+        self.checksums = bool(checksums)
+        # kind -> {byte position: [span bytes, checksum or None while the write is in flight]}
+        self._sums: Dict[str, Dict[int, list]] = {k: {} for k in self.numels}
+        self._sums_lock = threading.Lock()  # write()/read() may come from more than one thread
 
     # -- set-up ---------------------------------------------------------------------------------
     def _fail(self, problem: str, fix: str, need: Optional[int] = None, free: Optional[int] = None,
@@ -406,7 +435,10 @@ class NvmeSwapStore:
                 raise OSError(errno.EIO, f"preadv read {k} bytes at {pos + done} (file too short?)")
             done += k
 
-    def _write_span(self, fd: int, t: torch.Tensor, ptr: int, a: int, b: int, base: int, zero_copy: bool) -> None:
+    def _write_span(self, fd: int, t: torch.Tensor, ptr: int, a: int, b: int, base: int, zero_copy: bool,
+                    entry: Optional[list] = None) -> None:
+        if entry is not None:           # the bytes as they leave: what a later read must find
+            entry[1] = _digest_fn(_mem(ptr + a, b - a))
         if zero_copy:                   # the last span's padding comes from the storage's slack
             self._pwrite_all(fd, ptr + a, round_up(b - a, ALIGN), base + a)
             return
@@ -420,20 +452,77 @@ class NvmeSwapStore:
                 stage[n:span].zero_()
             self._pwrite_all(fd, stage.data_ptr(), span, base + x)
 
-    def _read_span(self, fd: int, t: torch.Tensor, ptr: int, a: int, b: int, base: int, zero_copy: bool) -> None:
-        if zero_copy:                   # whole 4 KiB blocks straight into the tensor
-            whole = (b - a) // ALIGN * ALIGN
-            if whole:
-                self._pread_all(fd, ptr + a, whole, base + a)
-            a += whole
-        if a == b:
-            return
-        dst = t.reshape(-1).view(torch.uint8)   # staged: a misaligned tensor, or the partial last block
-        stage = self._staging()
-        for x in range(a, b, self.block_size):
-            y = min(b, x + self.block_size)
-            self._pread_all(fd, stage.data_ptr(), round_up(y - x, ALIGN), base + x)
-            dst[x:y].copy_(stage[: y - x])
+    def _read_span(self, fd: int, t: torch.Tensor, ptr: int, a: int, b: int, base: int, zero_copy: bool,
+                   name: str = "", entry: Optional[list] = None) -> None:
+        a0 = a
+        try:
+            if zero_copy:                   # whole 4 KiB blocks straight into the tensor
+                whole = (b - a) // ALIGN * ALIGN
+                if whole:
+                    self._pread_all(fd, ptr + a, whole, base + a)
+                a += whole
+            if a < b:
+                dst = t.reshape(-1).view(torch.uint8)   # staged: a misaligned tensor, or the partial last block
+                stage = self._staging()
+                for x in range(a, b, self.block_size):
+                    y = min(b, x + self.block_size)
+                    self._pread_all(fd, stage.data_ptr(), round_up(y - x, ALIGN), base + x)
+                    dst[x:y].copy_(stage[: y - x])
+        except OSError as e:
+            if name and e.errno == errno.EIO and "file too short" in str(e):
+                raise SwapIntegrityError(f"{self.files[name]}: {e}: the swap file was truncated while in use "
+                                         f"(now {self._size(name):,} bytes); {_LOST}") from None
+            raise
+        if entry is not None and entry[1] is not None:
+            got = _digest_fn(_mem(ptr + a0, b - a0))
+            if got != entry[1]:
+                raise SwapIntegrityError(
+                    f"{self.files[name]}: bytes [{base + a0:,}, {base + b:,}) of swap kind {name!r} differ from "
+                    f"what hf_zero wrote there ({DIGEST} checksum {got:016x} on disk, {entry[1]:016x} written): the file was "
+                    f"overwritten or corrupted on disk; {_LOST}")
+
+    def _size(self, name: str) -> int:
+        return os.fstat(self.fds[name]).st_size
+
+    def _check_size(self, name: str) -> None:
+        """One fstat: the file must still have the size it was preallocated to."""
+        want = capacity_bytes(self.numels[name])
+        size = self._size(name)
+        if size < want:
+            raise SwapIntegrityError(
+                f"{self.files[name]}: swap file is {size:,} bytes, but hf_zero preallocated {want:,}: it was "
+                f"truncated since (by another process, or a cleanup of the directory); {_LOST}")
+
+    def _entries_for_write(self, name: str, pos: int, spans: List[Tuple[int, int]]) -> List[Optional[list]]:
+        """Forget the checksums of every range this write overlaps; new (pending) ones for its spans."""
+        if not self.checksums:
+            return [None] * len(spans)
+        with self._sums_lock:
+            return self._new_entries(self._sums[name], pos, spans)
+
+    @staticmethod
+    def _new_entries(table: Dict[int, list], pos: int, spans: List[Tuple[int, int]]) -> List[list]:
+        lo, hi = pos, pos + (spans[-1][1] if spans else 0)
+        first = table.get(lo)
+        if not (first is not None and spans and first[0] == spans[0][1] - spans[0][0]
+                and all(table.get(pos + a, [None])[0] == b - a for a, b in spans)):
+            for start in [k for k, (n, _) in table.items() if k < hi and k + n > lo]:
+                del table[start]        # a different layout over these bytes: rare, so a scan
+        entries = []
+        for a, b in spans:
+            entry = table[pos + a] = [b - a, None]
+            entries.append(entry)
+        return entries
+
+    def _entries_for_read(self, name: str, pos: int, spans: List[Tuple[int, int]]) -> List[Optional[list]]:
+        if not self.checksums:
+            return [None] * len(spans)
+        table, out = self._sums[name], []
+        with self._sums_lock:
+            for a, b in spans:
+                entry = table.get(pos + a)
+                out.append(entry if entry is not None and entry[0] == b - a else None)
+        return out
 
     def write(self, name: str, tensor: torch.Tensor, offset: int = 0) -> Future:
         """Write ``tensor`` to kind ``name`` at element ``offset``; returns a Future."""
@@ -443,8 +532,10 @@ class NvmeSwapStore:
         # No copy if aligned; a partial last block may then be written from the storage's slack.
         zero_copy = ptr % ALIGN == 0 and _slack_bytes(tensor) >= round_up(nbytes, ALIGN)
         fd = self.fds[name]
-        parts = [self._pool.submit(self._write_span, fd, tensor, ptr, a, b, pos, zero_copy)
-                 for a, b in self._spans(nbytes)]
+        spans = self._spans(nbytes)
+        entries = self._entries_for_write(name, pos, spans)
+        parts = [self._pool.submit(self._write_span, fd, tensor, ptr, a, b, pos, zero_copy, e)
+                 for (a, b), e in zip(spans, entries)]
         return _Gather(parts, tensor).future
 
     def read(self, name: str, out: torch.Tensor, offset: int = 0) -> Future:
@@ -454,8 +545,11 @@ class NvmeSwapStore:
         ptr = out.data_ptr()
         zero_copy = ptr % ALIGN == 0   # the partial last 4 KiB (if any) goes through staging
         fd = self.fds[name]
-        parts = [self._pool.submit(self._read_span, fd, out, ptr, a, b, pos, zero_copy)
-                 for a, b in self._spans(nbytes)]
+        self._check_size(name)
+        spans = self._spans(nbytes)
+        entries = self._entries_for_read(name, pos, spans)
+        parts = [self._pool.submit(self._read_span, fd, out, ptr, a, b, pos, zero_copy, name, e)
+                 for (a, b), e in zip(spans, entries)]
         return _Gather(parts, out).future
 
     def write_from(self, name: str, tensor: torch.Tensor, offset: int = 0) -> None:

@@ -64,7 +64,7 @@ class ParamSwap:
 
     def __init__(self, shard_sizes: Sequence[tuple], unit_of: Sequence[int], *, nvme_path: str, rank: int,
                  buffer_count: int = 4, block_size: int = 1 << 20, threads: int = 4, pin: bool = False,
-                 use_direct: bool = True):
+                 use_direct: bool = True, checksums: bool = True):
         self.words = [shard_words(n, d) for n, d in shard_sizes]
         self.offsets, total = region_layout(self.words)
         unit_bytes: Dict[int, int] = {}
@@ -74,7 +74,7 @@ class ParamSwap:
         self.read_ahead_units = max(1, buffer_count - 1)  # units the gathers read ahead of use
         self.pin = pin
         self.store = NvmeSwapStore(nvme_path, rank, {KIND: total}, block_size=block_size, threads=threads,
-                                   use_direct=use_direct)
+                                   use_direct=use_direct, checksums=checksums)
         self._index: Dict[int, int] = {}          # id(flat) -> region index
         self._flats: List[object] = []
         self._held: Dict[int, _Held] = {}
@@ -255,8 +255,8 @@ class ParamSwap:
                 self.flush()
                 for i in list(self._held):
                     h = self._held.pop(i)
-                    if h.read is not None:
-                        h.read.result()
+                    if h.read is not None:  # let it land before the buffer goes; its values are dropped,
+                        h.read.exception()  # so a failed read (a damaged file) was reported by its user
             finally:
                 self._free.clear()
                 self.store.close()
