@@ -1,0 +1,348 @@
+"""Read DeepSpeed ZeRO checkpoints (stages 1-3) as if they were hf_zero checkpoints.
+
+A DeepSpeed checkpoint is ``<dir>/latest`` (the tag) and ``<dir>/<tag>/``, holding
+``mp_rank_00_model_states.pt`` (stages 1-2) or ``zero_pp_rank_<r>_mp_rank_00_model_states.pt``
+(stage 3, one per rank) and one ``[bf16_|fp16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` per
+rank. This module maps them onto the view :func:`hf_zero.checkpoint.sharded.load_checkpoint` and
+:func:`hf_zero.checkpoint.consolidate.consolidate` read: an index (parameters, optimizer groups
+and scalar states, LR scheduler, loss scaler, step counters) and a reader of element ranges.
+
+Note:
+    * ``.pt`` files are opened with ``torch.load(weights_only=True, mmap=True)`` and an allowlist
+      of four DeepSpeed names, each mapped to a stand-in defined here that only holds data (see
+      ``ALLOWLIST`` and docs/checkpoints.md). Any other type is refused with the file named;
+      nothing is ever plainly unpickled. ``mmap`` keeps host memory to what is actually read.
+    * Stages 1-2 (DeepSpeed's layout): per optimizer group, the parameters of ``param_shapes[g]``
+      are laid end to end in one flat fp32 vector, cut into equal partitions of ``P_g`` elements,
+      rank r holding ``[r*P_g, (r+1)*P_g)`` as ``single_partition_of_fp32_groups[g]`` (padding
+      removed) and the group's Adam moments as ``base_optimizer_state`` (padding kept).
+    * Stage 3: every parameter of ``n`` elements is split on its own into ``ceil(n/W)`` elements
+      per rank; rank r's ``fp32_flat_groups`` (concatenated) hold its piece of each parameter in
+      ``param_shapes`` order, and the base optimizer's state ``k`` belongs to flat group ``k``.
+    * Step counts, group options (lr, betas, eps, weight_decay), the LR scheduler (DeepSpeed's
+      ``WarmupLR``-family ``last_batch_iteration`` n-1 is hf_zero's ``last_epoch`` n; a torch
+      scheduler's state passes through) and the loss scaler are translated; a state this module
+      cannot translate is an error naming the file and the key, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .detect import Detected, deepspeed_layout, detect
+from .format import CheckpointError, FlatEntry, ParamEntry
+
+# ------------------------------------------------------------------------------ the allowlist
+class DSLossScaler:
+    """Stand-in for ``deepspeed.runtime.fp16.loss_scaler.LossScaler`` (static scale): its
+    attributes (``cur_scale``, ``dynamic``) are set from the file, no DeepSpeed code runs."""
+
+
+class DSDynamicLossScaler:
+    """Stand-in for ``deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler`` (fp16): attributes
+    ``cur_scale``, ``cur_iter``, ``last_overflow_iter``, ``scale_window``, ``cur_hysteresis``, ..."""
+
+
+class DSFragmentAddress:
+    """Stand-in for ``deepspeed.utils.tensor_fragment.fragment_address`` (``numel``, ``start``;
+    in ``param_slice_mappings``, which this reader does not need)."""
+
+
+def _zero_stage(value) -> int:
+    """Stand-in for ``deepspeed.runtime.zero.config.ZeroStageEnum(value)``: the plain int."""
+    return int(value)
+
+
+ALLOWLIST = [
+    (DSLossScaler, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+    (DSDynamicLossScaler, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
+    (DSFragmentAddress, "deepspeed.utils.tensor_fragment.fragment_address"),
+    (_zero_stage, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+]
+
+
+def load_pt(path: Path, mmap: bool = True):
+    """``torch.load`` restricted to tensors, containers and ``ALLOWLIST``; a refusal names the
+    file and the type."""
+    try:
+        with torch.serialization.safe_globals(ALLOWLIST):
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        detail = str(exc)
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", detail)
+        what = f"type {m.group(1)}" if m else detail.splitlines()[0][:300]
+        raise CheckpointError(
+            f"{path}: refused: it needs {what}, which is not in hf_zero's allowlist for DeepSpeed files "
+            "(docs/checkpoints.md, 'Coming from DeepSpeed'); hf_zero never unpickles arbitrary objects"
+        ) from None
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+# ------------------------------------------------------------------------------ the checkpoint
+@dataclass(frozen=True)
+class _Place:
+    """Where one parameter's elements live: stages 1-2, ``(group, offset in the group flat)``;
+    stage 3, ``(-1, offset in every rank's flat)`` with ``part`` elements per rank."""
+
+    group: int
+    offset: int
+    numel: int
+    part: int
+
+
+def _numel(shape) -> int:
+    return int(math.prod(tuple(shape)))
+
+
+class DeepSpeedCheckpoint:
+    """One DeepSpeed tag directory, opened lazily (tensors are memory-mapped)."""
+
+    def __init__(self, found: Detected):
+        self.directory = found.directory
+        self.world_size = int(found.world_size)
+        d = self.directory
+        stage3 = found.stage == 3
+        model_file = d / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if stage3 else "mp_rank_00_model_states.pt")
+        self.model_states = load_pt(model_file)
+        self.model_file = model_file
+        self.optim_files = [self._optim_file(r) for r in range(self.world_size)]
+        self._optim: Dict[int, dict] = {}
+        osd0 = self.optimizer_state(0)
+        if "zero_stage" not in osd0:
+            raise CheckpointError(f"{self.optim_files[0]}: no 'zero_stage' in optimizer_state_dict; not a ZeRO checkpoint")
+        self.stage = int(osd0["zero_stage"])
+        pc = osd0.get("partition_count", self.world_size)
+        pc = max(pc) if isinstance(pc, (list, tuple)) else int(pc)
+        if pc != self.world_size:
+            raise CheckpointError(f"{self.optim_files[0]}: saved by {pc} ranks, but {d} holds {self.world_size} "
+                                  "*_optim_states.pt files (a rank's file is missing or left from another run)")
+        ms = self.model_states
+        for key in ("param_shapes", "buffer_names", "module"):
+            if key not in ms:
+                raise CheckpointError(f"{model_file}: no {key!r}; not a DeepSpeed model-states file")
+        self.group_shapes: List[Dict[str, Tuple[int, ...]]] = [
+            {n: tuple(int(x) for x in s) for n, s in g.items()} for g in ms["param_shapes"]]
+        frozen = ms.get("frozen_param_shapes") or {}
+        if frozen:
+            raise CheckpointError(f"{model_file}: frozen parameters ({list(frozen)[:3]}...) are not read yet; "
+                                  "export them with DeepSpeed's zero_to_fp32")
+        self.places: Dict[str, _Place] = {}
+        if self.stage <= 2:
+            self._sizes = []
+            for g, shapes in enumerate(self.group_shapes):
+                off = 0
+                for name, shape in shapes.items():
+                    n = _numel(shape)
+                    self.places[name] = _Place(g, off, n, 0)
+                    off += n
+                self._sizes.append(self._partition_size(g, off))
+        else:
+            off = 0
+            for shapes in self.group_shapes:
+                for name, shape in shapes.items():
+                    n = _numel(shape)
+                    part = -(-n // self.world_size)
+                    self.places[name] = _Place(-1, off, n, part)
+                    off += part
+            self._stage3_flat_numel = off
+        self.shapes = {n: s for g in self.group_shapes for n, s in g.items()}
+
+    # ---------------------------------------------------------------------------------- files
+    def _optim_file(self, rank: int) -> Path:
+        for prefix in ("", "bf16_", "fp16_"):
+            p = self.directory / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+            if p.is_file():
+                return p
+        raise CheckpointError(f"{self.directory}: no zero_pp_rank_{rank}_mp_rank_00_optim_states.pt "
+                              f"(the checkpoint has {self.world_size} ranks; was a rank's file lost?)")
+
+    def optimizer_state(self, rank: int) -> dict:
+        if rank not in self._optim:
+            sd = load_pt(self.optim_files[rank])
+            if not isinstance(sd, dict) or "optimizer_state_dict" not in sd:
+                raise CheckpointError(f"{self.optim_files[rank]}: no 'optimizer_state_dict'; not a DeepSpeed optimizer file")
+            self._optim[rank] = sd["optimizer_state_dict"]
+        return self._optim[rank]
+
+    def _base_state(self, rank: int) -> dict:
+        """The base (torch) optimizer's ``state`` of ``rank``: index -> {exp_avg, ..., step}."""
+        osd = self.optimizer_state(rank)
+        if self.stage <= 2:
+            base = osd["base_optimizer_state"]
+            if isinstance(base, list):  # elastic checkpoint: per group, padding removed
+                return dict(enumerate(base))
+            return base["state"]
+        return osd["optimizer_state_dict"]["state"]
+
+    def base_param_groups(self) -> List[dict]:
+        osd = self.optimizer_state(0)
+        base = osd["base_optimizer_state"] if self.stage <= 2 else osd["optimizer_state_dict"]
+        if isinstance(base, dict) and "param_groups" in base:
+            return base["param_groups"]
+        return []
+
+    def _partition_size(self, group: int, numel: int) -> int:
+        """P_g: the padded partition of a stage 1-2 group (every rank's is the same size)."""
+        osd = self.optimizer_state(0)
+        parts = osd["single_partition_of_fp32_groups"]
+        pads = osd.get("group_paddings") or [0] * len(parts)
+        size = parts[group].numel() + int(pads[group])
+        if size * self.world_size < numel:
+            raise CheckpointError(f"{self.optim_files[0]}: group {group} partition of {size} elements x "
+                                  f"{self.world_size} ranks cannot hold its {numel} parameters' elements")
+        return size
+
+    # ---------------------------------------------------------------------------------- reading
+    def _rank_tensor(self, rank: int, kind: str, group: int) -> torch.Tensor:
+        """Rank ``rank``'s flat of ``kind`` ("master" or a state key) for ``group`` (stages 1-2)
+        or its whole flat (stage 3, ``group`` -1: the flat groups concatenated, lazily)."""
+        if self.stage <= 2:
+            if kind == "master":
+                return self.optimizer_state(rank)["single_partition_of_fp32_groups"][group]
+            state = self._base_state(rank)[group]
+            if kind not in state:
+                raise CheckpointError(f"{self.optim_files[rank]}: group {group} has no optimizer state {kind!r}")
+            return state[kind]
+        raise AssertionError("stage 3 reads through _stage3_read")
+
+    def _stage3_pieces(self, rank: int, kind: str) -> List[torch.Tensor]:
+        if kind == "master":
+            return list(self.optimizer_state(rank)["fp32_flat_groups"])
+        state = self._base_state(rank)
+        out = []
+        for k in range(len(self.optimizer_state(rank)["fp32_flat_groups"])):
+            if kind not in state.get(k, {}):
+                raise CheckpointError(f"{self.optim_files[rank]}: flat group {k} has no optimizer state {kind!r}")
+            out.append(state[k][kind])
+        return out
+
+    def _stage3_read(self, rank: int, kind: str, start: int, length: int, out: torch.Tensor) -> None:
+        """Elements ``[start, start+length)`` of rank ``rank``'s concatenated stage-3 flat."""
+        base = 0
+        done = 0
+        for t in self._stage3_pieces(rank, kind):
+            n = t.numel()
+            lo, hi = max(start + done, base), min(start + length, base + n)
+            if lo < hi:
+                out[done:done + hi - lo].copy_(t.reshape(-1)[lo - base:hi - base])
+                done += hi - lo
+            base += n
+            if done == length:
+                return
+        raise CheckpointError(f"{self.optim_files[rank]}: its flat groups hold {base} elements, fewer than the "
+                              f"{start + length} the parameter shapes need (truncated or another model?)")
+
+    def read(self, name: str, kind: str, start: int, length: int, out: torch.Tensor) -> None:
+        """Copy elements ``[start, start+length)`` of parameter ``name``'s ``kind`` (fp32 master,
+        or an optimizer state such as ``exp_avg``) into ``out``."""
+        p = self.places[name]
+        done = 0
+        while done < length:
+            e = start + done
+            if self.stage <= 2:
+                size = self._sizes[p.group]
+                flat_e = p.offset + e
+                rank, local = divmod(flat_e, size)
+                n = min(length - done, size - local)
+                src = self._rank_tensor(rank, kind, p.group)
+                if local + n > src.numel():
+                    raise CheckpointError(f"{self.optim_files[rank]}: group {p.group} {kind} has {src.numel()} "
+                                          f"elements, {local + n} needed")
+                out[done:done + n].copy_(src[local:local + n])
+            else:
+                rank, local = divmod(e, p.part)
+                n = min(length - done, p.part - local)
+                self._stage3_read(rank, kind, p.offset + local, n, out[done:done + n])
+            done += n
+
+    def state_keys(self) -> List[str]:
+        """The element-wise optimizer states (e.g. ``exp_avg``, ``exp_avg_sq``)."""
+        state = self._base_state(0)
+        first = state[min(state)] if state else {}
+        return sorted(k for k, v in first.items() if torch.is_tensor(v) and v.dim() > 0)
+
+    def steps(self) -> List[Optional[float]]:
+        """Adam's step count per original param group (from rank 0's base optimizer)."""
+        state = self._base_state(0)
+        groups = self.base_param_groups()
+        out: List[Optional[float]] = []
+        for g in range(len(self.group_shapes) if self.stage <= 2 else max(1, len(groups))):
+            if self.stage <= 2:
+                key = groups[g]["params"][0] if groups else g
+            else:
+                key = groups[g]["params"][0] if groups else 0
+            st = state.get(key, {})
+            step = st.get("step")
+            if step is None and self.stage <= 2:
+                step = self.optimizer_state(0).get("base_optimizer_state_step")
+            out.append(float(step) if step is not None else None)
+        return out
+
+    def buffers(self) -> Dict[str, torch.Tensor]:
+        names = set(self.model_states["buffer_names"])
+        return {k: v for k, v in self.model_states["module"].items() if k in names}
+
+    def loss_scaler(self) -> dict:
+        """hf_zero's loss-scaler state from DeepSpeed's."""
+        ls = self.optimizer_state(0).get("loss_scaler")
+        if ls is None:
+            return {"scale": 1.0, "hysteresis_left": 2, "iteration": 0, "last_overflow_iteration": -1}
+        a = vars(ls)
+        return {"scale": float(a.get("cur_scale", 1.0)),
+                "hysteresis_left": int(a.get("cur_hysteresis", a.get("delayed_shift", 1)) or 1),
+                "iteration": int(a.get("cur_iter", 0)),
+                "last_overflow_iteration": int(a.get("last_overflow_iter", -1) if a.get("last_overflow_iter") is not None else -1)}
+
+    def config(self) -> dict:
+        return dict(self.model_states.get("ds_config") or {})
+
+    def compute_dtype(self) -> str:
+        cfg = self.config()
+        if (cfg.get("bf16") or {}).get("enabled"):
+            return "bfloat16"
+        if (cfg.get("fp16") or {}).get("enabled"):
+            return "float16"
+        return "float32"
+
+    def describe(self) -> str:
+        return f"a DeepSpeed stage-{self.stage} checkpoint of world size {self.world_size}"
+
+    # ------------------------------------------------------------------------ hf_zero's view
+    def params(self) -> Dict[str, ParamEntry]:
+        out = {}
+        dtype = self.compute_dtype()
+        shared = {}
+        for alias, source in (self.model_states.get("shared_params") or {}).items():
+            shared.setdefault(source, []).append(alias)
+        for name, shape in self.shapes.items():
+            out[name] = ParamEntry(name=name, flat=name, offset=0, numel=_numel(shape), shape=tuple(shape),
+                                   dtype=dtype, trainable=True, aliases=(name, *shared.get(name, [])),
+                                   export_name=name)
+        return out
+
+    def flats(self) -> Dict[str, FlatEntry]:
+        return {n: FlatEntry(key=n, padded_numel=_numel(s), shard_numel=_numel(s), shard_world=1,
+                             dtype="float32", trainable=True) for n, s in self.shapes.items()}
+
+
+def open_deepspeed(load_dir, tag: Optional[str] = None) -> Optional[DeepSpeedCheckpoint]:
+    """The DeepSpeed checkpoint at ``load_dir`` (its ``latest`` tag, or ``tag``), or None when
+    ``load_dir`` is not one."""
+    load_dir = Path(load_dir)
+    if tag is not None:
+        found = deepspeed_layout(load_dir / tag)
+        if found is None:
+            return None
+        return DeepSpeedCheckpoint(Detected("deepspeed", load_dir / tag, world_size=found[0], stage=found[1]))
+    found = detect(load_dir)
+    if found.kind != "deepspeed":
+        return None
+    return DeepSpeedCheckpoint(found)
