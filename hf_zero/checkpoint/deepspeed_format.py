@@ -346,3 +346,105 @@ def open_deepspeed(load_dir, tag: Optional[str] = None) -> Optional[DeepSpeedChe
     if found.kind != "deepspeed":
         return None
     return DeepSpeedCheckpoint(found)
+
+
+# ------------------------------------------------------------------------------ hf_zero's loader
+_DS_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+            "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+            "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config",
+            "ds_version", "checkpoint_parallel_dimensions", "universal_checkpoint_info", "moe_state_dict"}
+_GROUP_OPTIONS = ("lr", "initial_lr", "betas", "eps", "weight_decay", "momentum", "amsgrad")
+
+
+class DeepSpeedIndex:
+    """What :func:`hf_zero.checkpoint.sharded.load_checkpoint` reads from an hf_zero ``Index``,
+    built from a DeepSpeed checkpoint for one engine (the scheduler state is shaped for the
+    engine's scheduler). Every parameter is its own one-shard flat."""
+
+    def __init__(self, ck: DeepSpeedCheckpoint, engine=None):
+        self.checkpoint = ck
+        self.directory = ck.directory
+        self.where = ck.model_file
+        self.world_size = ck.world_size
+        self.stage = ck.stage
+        self.files: Dict[str, dict] = {}
+        self.params = ck.params()
+        self.flats = ck.flats()
+        ms = ck.model_states
+        gas = int(ck.config().get("gradient_accumulation_steps", 1) or 1)
+        groups = ck.base_param_groups()
+        steps = ck.steps()
+        self.data = {
+            "stage": ck.stage,
+            "world_size": ck.world_size,
+            "global_steps": int(ms.get("global_steps", 0)),
+            "micro_steps": int(ms.get("global_steps", 0)) * gas,
+            "skipped_steps": int(ms.get("skipped_steps", 0)),
+            "compute_dtype": ck.compute_dtype(),
+            "export_all_aliases": False,
+            "buffers": sorted(ck.buffers()),
+            "optimizer": {
+                "param_groups": [{k: g[k] for k in _GROUP_OPTIONS if k in g} for g in groups],
+                "scalar_states": [({"step": s} if s is not None else {}) for s in steps],
+            },
+            "lr_scheduler": None,
+            "loss_scaler": ck.loss_scaler(),
+            "rng": None,
+            "client_state": {k: v for k, v in ms.items() if k not in _DS_KEYS},
+        }
+        if engine is not None:
+            self._fit(engine, groups)
+
+    def _fit(self, engine, groups: List[dict]) -> None:
+        """Check the engine's optimizer groups against DeepSpeed's and shape the scheduler state."""
+        opt = engine.optimizer
+        if opt is not None and groups and len(groups) != len(opt.param_groups):
+            raise CheckpointError(
+                f"{self.checkpoint.optim_files[0]}: the DeepSpeed run's optimizer had {len(groups)} parameter "
+                f"group(s), this engine's has {len(opt.param_groups)}; build the optimizer with the same groups "
+                "(e.g. the same weight-decay split) to resume its states")
+        if opt is not None:
+            steps = self.data["optimizer"]["scalar_states"]
+            self.data["optimizer"]["scalar_states"] = (steps + [{}] * len(opt.param_groups))[:len(opt.param_groups)]
+        ds_sched = self.checkpoint.model_states.get("lr_scheduler")
+        sched = engine.lr_scheduler
+        if ds_sched is None or sched is None or not hasattr(sched, "state_dict"):
+            return
+        mine = sched.state_dict()
+        if set(ds_sched) == {"last_batch_iteration"}:  # DeepSpeed's WarmupLR / WarmupDecayLR / ...
+            if "last_epoch" not in mine:
+                raise CheckpointError(f"{self.where}: DeepSpeed's scheduler state {ds_sched} cannot be mapped onto a "
+                                      f"{type(sched).__name__} (no last_epoch)")
+            n = int(ds_sched["last_batch_iteration"]) + 1  # hf_zero's LambdaLR after n steps = DS's n-1
+            mine = dict(mine, last_epoch=n, _step_count=n + 1)
+            if groups:
+                mine["_last_lr"] = [float(g["lr"]) for g in groups]
+            self.data["lr_scheduler"] = mine
+        elif set(ds_sched) <= set(mine) | {"lr_lambdas"}:
+            self.data["lr_scheduler"] = dict(ds_sched)  # the same torch scheduler class on both sides
+        else:
+            raise CheckpointError(
+                f"{self.where}: the DeepSpeed run's LR scheduler state has keys {sorted(ds_sched)}, this engine's "
+                f"{type(sched).__name__} has {sorted(mine)}; use the same scheduler, or pass "
+                "load_lr_scheduler_states=False and set it yourself")
+
+
+class DeepSpeedReader:
+    """The element-range reader :func:`~hf_zero.checkpoint.sharded.load_checkpoint` uses."""
+
+    def __init__(self, ck: DeepSpeedCheckpoint):
+        self.ck = ck
+
+    def read(self, flat_key: str, kind: str, start: int, length: int, out: torch.Tensor) -> None:
+        if kind in ("master", "param"):
+            self.ck.read(flat_key, "master", start, length, out)
+        elif kind.startswith("state."):
+            self.ck.read(flat_key, kind[len("state."):], start, length, out)
+        else:
+            raise KeyError(kind)
+
+    def state_keys(self, flat_key: str) -> List[str]:
+        return self.ck.state_keys()
+
+    def buffer(self, name: str) -> torch.Tensor:
+        return self.ck.buffers()[name]

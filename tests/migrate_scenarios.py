@@ -1,0 +1,58 @@
+"""Launched-process scenarios for the DeepSpeed migration tests (tests/test_migrate_deepspeed.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import hf_zero
+from hf_zero.initialize import init_distributed
+from models import build, grouped_params
+
+FIXTURES = Path(__file__).resolve().parent / "data" / "deepspeed"
+
+
+def global_batch(step: int, batch: int, seq: int):
+    """The fixture script's data (scripts/make_deepspeed_fixtures.py): the same generator."""
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randint(0, 96, (batch, seq), generator=g)
+
+
+def hf_zero_config(meta: dict, stage: int) -> dict:
+    """The DeepSpeed run's config, at another stage; the micro-batch follows the world size."""
+    cfg = json.loads(json.dumps(meta["ds_config"]))
+    cfg.pop("train_micro_batch_size_per_gpu", None)
+    cfg["zero_optimization"] = {"stage": stage}
+    return cfg
+
+
+def resume_deepspeed(payload, out_dir: Path):
+    """Load a DeepSpeed fixture into an hf_zero engine (any world, any stage), train the steps
+    DeepSpeed's own continuation trained, report the global losses and the state after loading."""
+    rank, world = init_distributed()
+    ds_dir = FIXTURES / payload["fixture"]
+    meta = json.loads((ds_dir / "meta.json").read_text())
+    model = build("llama")
+    opt = torch.optim.AdamW(grouped_params(model), lr=meta["lr"], weight_decay=0.1)
+    engine, _, _, _ = hf_zero.initialize(model=model, optimizer=opt, config=hf_zero_config(meta, payload["stage"]))
+    path, client = engine.load_checkpoint(ds_dir)
+    info = {"loaded": str(path), "global_steps": engine.global_steps,
+            "lr": [g["lr"] for g in engine.optimizer.param_groups],
+            "sched_lr": engine.lr_scheduler.get_last_lr()}
+    batch, seq = meta["global_batch"], meta["seq"]
+    per = batch // world
+    losses = []
+    for step in range(meta["steps_before"], meta["steps_before"] + len(meta["continuation_losses"])):
+        ids = global_batch(step, batch, seq)[rank * per:(rank + 1) * per]
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        t = loss.detach().float().clone()
+        if world > 1:
+            dist.all_reduce(t)
+        losses.append(t.item() / world)
+    info["losses"] = losses
+    return info
