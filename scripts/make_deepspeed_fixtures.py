@@ -58,13 +58,19 @@ def ds_config(stage: int, dtype: str) -> dict:
     }
 
 
-def build_model():
+def build_model(bench: bool = False):
+    """The tiny Llama of tests/models.py; ``bench``: a ~60M-parameter one for the consolidation
+    benchmark (docs/benchmarks.md), saved after one step and not committed."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if bench:
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
+                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64)
+    else:
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg)
 
 
@@ -81,14 +87,14 @@ def global_batch(step: int):
     return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g)
 
 
-def worker(stage: int, dtype: str, out: Path) -> None:
+def worker(stage: int, dtype: str, out: Path, bench: bool = False) -> None:
     import deepspeed
     import torch
     import torch.distributed as dist
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = build_model()
+    model = build_model(bench)
     opt = torch.optim.AdamW(grouped_params(model), lr=LR, weight_decay=0.1)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, dtype))
     per = GLOBAL_BATCH // world
@@ -102,6 +108,10 @@ def worker(stage: int, dtype: str, out: Path) -> None:
         dist.all_reduce(t)
         return t.item() / world
 
+    if bench:
+        run(0)
+        engine.save_checkpoint(str(out))
+        return
     before = [run(k) for k in range(STEPS_BEFORE)]
     engine.save_checkpoint(str(out))
     after = [run(k) for k in range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER)]
@@ -122,7 +132,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_one(stage: int, dtype: str, out: Path) -> None:
+def make_one(stage: int, dtype: str, out: Path, bench: bool = False) -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -132,13 +142,16 @@ def make_one(stage: int, dtype: str, out: Path) -> None:
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                    LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(stage), dtype, str(out)], env=env))
+        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(stage), dtype, str(out)]
+                                      + (["--bench"] if bench else []), env=env))
     codes = [p.wait() for p in procs]
     if any(codes):
         raise SystemExit(f"stage {stage} {dtype}: worker exit codes {codes}")
     # DeepSpeed copies its own conversion script next to the checkpoint: not test data
     for script in ("zero_to_fp32.py", "zero_to_torch.py"):
         (out / script).unlink(missing_ok=True)
+    if bench:
+        return
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import save_file
 
@@ -151,10 +164,16 @@ def main() -> None:
     ap.add_argument("out", nargs="?", default="tests/data/deepspeed")
     ap.add_argument("--worker", nargs=3, metavar=("STAGE", "DTYPE", "DIR"))
     ap.add_argument("--only", default=None, help="e.g. stage2_bf16")
+    ap.add_argument("--bench", action="store_true",
+                    help="one ~60M-parameter stage-2 fp32 checkpoint in OUT (the consolidation benchmark)")
     args = ap.parse_args()
     if args.worker:
         stage, dtype, out = args.worker
-        worker(int(stage), dtype, Path(out))
+        worker(int(stage), dtype, Path(out), bench=args.bench)
+        return
+    if args.bench:
+        make_one(2, "fp32", Path(args.out), bench=True)
+        print("wrote", args.out, flush=True)
         return
     for stage in (1, 2, 3):
         for dtype in ("fp32", "bf16"):

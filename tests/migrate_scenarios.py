@@ -38,7 +38,7 @@ def resume_deepspeed(payload, out_dir: Path):
     model = build("llama")
     opt = torch.optim.AdamW(grouped_params(model), lr=meta["lr"], weight_decay=0.1)
     engine, _, _, _ = hf_zero.initialize(model=model, optimizer=opt, config=hf_zero_config(meta, payload["stage"]))
-    path, client = engine.load_checkpoint(ds_dir)
+    path, client = engine.load_checkpoint(payload.get("load") or ds_dir)
     info = {"loaded": str(path), "global_steps": engine.global_steps,
             "lr": [g["lr"] for g in engine.optimizer.param_groups],
             "sched_lr": engine.lr_scheduler.get_last_lr()}

@@ -128,3 +128,51 @@ def test_resume_matches_deepspeed_continuation(tmp_path, name, world, stage):
     else:
         assert info["losses"][0] == pytest.approx(ref[0], abs=1e-5, rel=0)
         assert info["losses"] == pytest.approx(ref, abs=3e-4, rel=0)
+
+
+# ---------------------------------------------------------------------------------- convert
+@pytest.mark.parametrize("name,ranks", [("stage3_bf16", None), ("stage1_fp32", 3)])
+def test_convert_then_consolidate_equals_zero_to_fp32(tmp_path, name, ranks, capsys):
+    """`hf-zero convert` writes an hf_zero checkpoint (verified by its own index: sizes, sha256)
+    whose export equals zero_to_fp32's; the moments are DeepSpeed's, element for element."""
+    args = ["convert", str(FIXTURES / name), str(tmp_path / "conv")] + (["--ranks", str(ranks)] if ranks else [])
+    assert main(args) == 0
+    capsys.readouterr()
+    from hf_zero.checkpoint.format import Index
+
+    index = Index.read(tmp_path / "conv" / "global_step3")
+    assert index.world_size == (ranks or 2) and index.data["global_steps"] == 3
+    index.check_files()
+    consolidate(tmp_path / "conv", tmp_path / "out", dtype="fp32", progress=False)
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    ref = load_file(str(FIXTURES / name / "zero_to_fp32.safetensors"))
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    from hf_zero.checkpoint.sharded import _SliceReader
+
+    ck, reader = open_deepspeed(FIXTURES / name), _SliceReader(index)
+    for pname, e in index.params.items():
+        a, b = torch.empty(e.numel), torch.empty(e.numel)
+        ck.read(pname, "exp_avg_sq", 0, e.numel, a)
+        reader.read(e.flat, "state.exp_avg_sq", e.offset, e.numel, b)
+        assert torch.equal(a, b), pname
+
+
+def test_convert_refuses_what_is_not_deepspeed(tmp_path, capsys):
+    d = tmp_path / "checkpoint-4"
+    for f in ("model.safetensors", "optimizer.pt"):
+        (d / f).parent.mkdir(parents=True, exist_ok=True)
+        (d / f).write_bytes(b"x")
+    assert main(["convert", str(d), str(tmp_path / "out")]) == 2
+    assert "a stock Trainer checkpoint" in capsys.readouterr().err
+
+
+def test_converted_checkpoint_resumes_deepspeed_curve(tmp_path):
+    """The converted checkpoint (3 rank files) resumed at world 2, stage 3: DeepSpeed's losses."""
+    from hf_zero.checkpoint.convert import convert
+
+    convert(FIXTURES / "stage2_fp32", tmp_path / "conv", ranks=3)
+    info = launch(2, "migrate_scenarios:resume_deepspeed",
+                  {"fixture": "stage2_fp32", "stage": 3, "load": str(tmp_path / "conv")}, tmp_path / "run")[0]
+    assert info["loaded"].endswith("conv/global_step3")
+    assert info["lr"] == pytest.approx([0.004, 0.004]) and info["sched_lr"] == pytest.approx([0.004, 0.004])
+    assert info["losses"] == pytest.approx(_meta("stage2_fp32")["continuation_losses"], abs=1e-5, rel=0)

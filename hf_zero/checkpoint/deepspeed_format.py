@@ -406,27 +406,33 @@ class DeepSpeedIndex:
         if opt is not None:
             steps = self.data["optimizer"]["scalar_states"]
             self.data["optimizer"]["scalar_states"] = (steps + [{}] * len(opt.param_groups))[:len(opt.param_groups)]
-        ds_sched = self.checkpoint.model_states.get("lr_scheduler")
         sched = engine.lr_scheduler
+        ds_sched = self.checkpoint.model_states.get("lr_scheduler")
         if ds_sched is None or sched is None or not hasattr(sched, "state_dict"):
             return
-        mine = sched.state_dict()
-        if set(ds_sched) == {"last_batch_iteration"}:  # DeepSpeed's WarmupLR / WarmupDecayLR / ...
-            if "last_epoch" not in mine:
-                raise CheckpointError(f"{self.where}: DeepSpeed's scheduler state {ds_sched} cannot be mapped onto a "
-                                      f"{type(sched).__name__} (no last_epoch)")
-            n = int(ds_sched["last_batch_iteration"]) + 1  # hf_zero's LambdaLR after n steps = DS's n-1
-            mine = dict(mine, last_epoch=n, _step_count=n + 1)
-            if groups:
-                mine["_last_lr"] = [float(g["lr"]) for g in groups]
-            self.data["lr_scheduler"] = mine
-        elif set(ds_sched) <= set(mine) | {"lr_lambdas"}:
-            self.data["lr_scheduler"] = dict(ds_sched)  # the same torch scheduler class on both sides
-        else:
-            raise CheckpointError(
-                f"{self.where}: the DeepSpeed run's LR scheduler state has keys {sorted(ds_sched)}, this engine's "
-                f"{type(sched).__name__} has {sorted(mine)}; use the same scheduler, or pass "
-                "load_lr_scheduler_states=False and set it yourself")
+        self.data["lr_scheduler"] = translate_scheduler(ds_sched, sched, [float(g["lr"]) for g in groups], self.where)
+
+
+def translate_scheduler(ds_sched: dict, sched, lrs: List[float], where) -> dict:
+    """hf_zero's scheduler state (for ``sched``) from the DeepSpeed run's: DeepSpeed's
+    ``WarmupLR`` family stores ``last_batch_iteration`` n-1 after n steps, hf_zero's LambdaLR
+    of the same schedule ``last_epoch`` n; a torch scheduler's state passes through."""
+    mine = sched.state_dict()
+    if set(ds_sched) == {"last_batch_iteration"}:
+        if "last_epoch" not in mine:
+            raise CheckpointError(f"{where}: DeepSpeed's scheduler state {ds_sched} cannot be mapped onto a "
+                                  f"{type(sched).__name__} (no last_epoch)")
+        n = int(ds_sched["last_batch_iteration"]) + 1
+        mine = dict(mine, last_epoch=n, _step_count=n + 1)
+        if lrs:
+            mine["_last_lr"] = list(lrs)
+        return mine
+    if set(ds_sched) <= set(mine) | {"lr_lambdas"}:
+        return dict(ds_sched)  # the same torch scheduler class on both sides
+    raise CheckpointError(
+        f"{where}: the DeepSpeed run's LR scheduler state has keys {sorted(ds_sched)}, this engine's "
+        f"{type(sched).__name__} has {sorted(mine)}; use the same scheduler, or pass "
+        "load_lr_scheduler_states=False and set it yourself")
 
 
 class DeepSpeedReader:

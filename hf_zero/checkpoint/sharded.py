@@ -550,7 +550,13 @@ def load_checkpoint(engine, load_dir, tag: Optional[str] = None, load_optimizer_
         return directory, _from_json(index.data.get("client_state") or {})
     sched_state = index.data.get("lr_scheduler")
     if load_lr_scheduler_states and sched_state is not None and engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(_from_json(sched_state))
+        sched_state = _from_json(sched_state)
+        if set(sched_state) == {"__deepspeed__"}:  # written by `hf-zero convert` (checkpoint/convert.py)
+            from .deepspeed_format import translate_scheduler
+
+            sched_state = translate_scheduler(sched_state["__deepspeed__"], engine.lr_scheduler,
+                                              [g["lr"] for g in engine.optimizer.param_groups], directory / INDEX)
+        engine.lr_scheduler.load_state_dict(sched_state)
     engine.loss_scaler.load_state_dict(index.data["loss_scaler"])
     engine.global_steps = index.data["global_steps"]
     engine.micro_steps = index.data["micro_steps"]
