@@ -68,12 +68,68 @@ ALLOWLIST = [
 ]
 
 
-def load_pt(path: Path, mmap: bool = True):
+class _PageRelease:
+    """Gives back the pages of a memory-mapped file once they are read, so a pass over the
+    whole checkpoint keeps host memory (RSS) at what is being copied, not at what was touched.
+
+    Only ranges inside a mapping of one of the loaded files (checked in ``/proc/self/maps``) are
+    released, with ``madvise(MADV_DONTNEED)``: for a file mapping this drops clean pages, which
+    a later access reads from the file again (the tensors are never written). Anonymous memory
+    is never touched; on a system without ``/proc`` or ``madvise`` nothing is released."""
+
+    MADV_DONTNEED = 4
+
+    def __init__(self):
+        self.ranges: List[Tuple[int, int]] = []
+        self._madvise = None
+        try:
+            import ctypes
+            import ctypes.util
+            import mmap as _mmap
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            self._madvise = libc.madvise
+            self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            self.page = _mmap.PAGESIZE
+        except (OSError, AttributeError, ImportError):  # pragma: no cover - not Linux
+            self._madvise = None
+
+    def add_file(self, path: Path) -> None:
+        if self._madvise is None:
+            return
+        target = str(Path(path).resolve())
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    parts = line.split(None, 5)
+                    if len(parts) == 6 and parts[5].strip() == target:
+                        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                        self.ranges.append((lo, hi))
+        except OSError:  # pragma: no cover
+            pass
+
+    def release(self, t: torch.Tensor) -> None:
+        if self._madvise is None or not self.ranges or t.numel() == 0 or t.device.type != "cpu":
+            return
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        lo = -(-start // self.page) * self.page
+        hi = end // self.page * self.page
+        if hi <= lo:
+            return
+        if any(a <= lo and hi <= b for a, b in self.ranges):
+            self._madvise(lo, hi - lo, self.MADV_DONTNEED)
+
+
+def load_pt(path: Path, mmap: bool = True, pages: Optional[_PageRelease] = None):
     """``torch.load`` restricted to tensors, containers and ``ALLOWLIST``; a refusal names the
-    file and the type."""
+    file and the type. With ``pages``, the file's mapping is registered for page release."""
     try:
         with torch.serialization.safe_globals(ALLOWLIST):
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+            out = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        if pages is not None and mmap:
+            pages.add_file(path)
+        return out
     except pickle.UnpicklingError as exc:
         detail = str(exc)
         m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", detail)
@@ -111,6 +167,7 @@ class DeepSpeedCheckpoint:
         d = self.directory
         stage3 = found.stage == 3
         model_file = d / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if stage3 else "mp_rank_00_model_states.pt")
+        self.pages = _PageRelease()
         self.model_states = load_pt(model_file)
         self.model_file = model_file
         self.optim_files = [self._optim_file(r) for r in range(self.world_size)]
@@ -166,7 +223,7 @@ class DeepSpeedCheckpoint:
 
     def optimizer_state(self, rank: int) -> dict:
         if rank not in self._optim:
-            sd = load_pt(self.optim_files[rank])
+            sd = load_pt(self.optim_files[rank], pages=self.pages)
             if not isinstance(sd, dict) or "optimizer_state_dict" not in sd:
                 raise CheckpointError(f"{self.optim_files[rank]}: no 'optimizer_state_dict'; not a DeepSpeed optimizer file")
             self._optim[rank] = sd["optimizer_state_dict"]
@@ -232,7 +289,9 @@ class DeepSpeedCheckpoint:
             n = t.numel()
             lo, hi = max(start + done, base), min(start + length, base + n)
             if lo < hi:
-                out[done:done + hi - lo].copy_(t.reshape(-1)[lo - base:hi - base])
+                src = t.reshape(-1)[lo - base:hi - base]
+                out[done:done + hi - lo].copy_(src)
+                self.pages.release(src)
                 done += hi - lo
             base += n
             if done == length:
@@ -257,6 +316,7 @@ class DeepSpeedCheckpoint:
                     raise CheckpointError(f"{self.optim_files[rank]}: group {p.group} {kind} has {src.numel()} "
                                           f"elements, {local + n} needed")
                 out[done:done + n].copy_(src[local:local + n])
+                self.pages.release(src[local:local + n])
             else:
                 rank, local = divmod(e, p.part)
                 n = min(length - done, p.part - local)
