@@ -56,3 +56,31 @@ def resume_deepspeed(payload, out_dir: Path):
         losses.append(t.item() / world)
     info["losses"] = losses
     return info
+
+
+def trainer_switch(payload, out_dir: Path):
+    """A stock Trainer run (``payload["kind"] == "stock"``, one process, checkpoints every 2
+    steps) or a ZeroTrainer run resuming ``payload["resume"]``; reports the logged losses and lr."""
+    from transformers import Trainer, TrainingArguments
+
+    from integration_scenarios import sequential, trainer_dataset, trainer_kwargs, zero_cfg
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    extra = dict(max_steps=6, save_strategy="steps", save_steps=2, gradient_accumulation_steps=1)
+    kw = trainer_kwargs(payload["output_dir"], 12 // world, **extra)
+    if payload["kind"] == "stock":
+        trainer = sequential(Trainer)(model=build("llama"), args=TrainingArguments(**kw),
+                                      train_dataset=trainer_dataset(72))
+    else:
+        args = hf_zero.ZeroTrainingArguments(zero_config=zero_cfg(payload["stage"]), **kw)
+        trainer = sequential(hf_zero.ZeroTrainer)(model=build("llama"), args=args, train_dataset=trainer_dataset(72))
+    error = None
+    try:
+        trainer.train(resume_from_checkpoint=payload.get("resume"))
+    except Exception as exc:  # noqa: BLE001 - the stock-resumes-hf_zero case reports it
+        if not payload.get("expect_error"):
+            raise
+        error = f"{type(exc).__name__}: {exc}"
+    return {"losses": {int(h["step"]): h["loss"] for h in trainer.state.log_history if "loss" in h},
+            "lr": {int(h["step"]): h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h},
+            "global_step": trainer.state.global_step, "error": error}

@@ -121,7 +121,7 @@ def describe(found: Detected) -> str:
     if found.kind == "trainer":
         return (f"{d}: a stock Trainer checkpoint ({found.weights} + optimizer.pt), not an hf_zero checkpoint; "
                 "resume it under hf_zero with ZeroTrainer.train(resume_from_checkpoint=...) or "
-                "hf_zero.checkpoint.load_trainer_checkpoint(engine, dir), which read its weights, "
+                "hf_zero.checkpoint.trainer_format.load_trainer_checkpoint(engine, dir, group_names), which read its weights, "
                 "optimizer and scheduler state")
     if found.kind == "hf_model":
         return (f"{d}: an HF model directory ({found.weights} + config.json, no optimizer state), not a "

@@ -487,7 +487,16 @@ def load_checkpoint(engine, load_dir, tag: Optional[str] = None, load_optimizer_
         if errors:
             raise CheckpointError(errors[0])
         reader = _SliceReader(index)
+    return restore(engine, directory, index, reader, load_optimizer_states=load_optimizer_states,
+                   load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)
 
+
+def restore(engine, directory: Path, index, reader, *, load_optimizer_states: bool = True,
+            load_lr_scheduler_states: bool = True, load_module_only: bool = False) -> Tuple[Path, dict]:
+    """Collective: apply an opened checkpoint (an hf_zero ``Index`` and its ``_SliceReader``, or
+    a view of a DeepSpeed / stock Trainer checkpoint with the same interface) to ``engine``."""
+    if load_module_only:
+        load_optimizer_states = load_lr_scheduler_states = False
     engine.flush_pending_update()
     scalar = index.data["optimizer"]["scalar_states"]
     trainable_index = {id(f): i for i, f in enumerate(engine._trainable_flats)}
