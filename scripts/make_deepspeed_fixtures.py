@@ -126,13 +126,45 @@ def worker(stage: int, dtype: str, out: Path, bench: bool = False) -> None:
     dist.barrier()
 
 
+def trainer_worker(out: Path) -> None:
+    """The stock Trainer with ``deepspeed=`` (stage 2, fp32) on 2 processes: saves
+    ``checkpoint-3/`` (DeepSpeed's files inside) and logs 6 steps; rows as global_batch(k)."""
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    ids = torch.cat([global_batch(k) for k in range(2 * STEPS_BEFORE)]).tolist()
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+    class Sequential(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+           "gradient_clipping": "auto", "zero_optimization": {"stage": 2},
+           "zero_allow_untested_optimizer": True}
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=GLOBAL_BATCH // WORLD,
+                             max_steps=2 * STEPS_BEFORE, learning_rate=LR, weight_decay=0.1, max_grad_norm=1.0,
+                             logging_steps=1, save_strategy="steps", save_steps=STEPS_BEFORE, report_to=[],
+                             seed=0, disable_tqdm=True, lr_scheduler_type="linear", dataloader_num_workers=0,
+                             deepspeed=cfg, save_only_model=False)
+    trainer = Sequential(model=build_model(), args=args, train_dataset=data)
+    trainer.train()
+    if trainer.is_world_process_zero():
+        losses = {int(h["step"]): h["loss"] for h in trainer.state.log_history if "loss" in h}
+        lrs = {int(h["step"]): h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h}
+        meta = {"trainer": True, "steps_before": STEPS_BEFORE, "losses": losses, "lr": lrs, "ds_config": cfg,
+                "global_batch": GLOBAL_BATCH, "seq": SEQ}
+        (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def make_one(stage: int, dtype: str, out: Path, bench: bool = False) -> None:
+def make_one(stage, dtype: str, out: Path, bench: bool = False) -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -148,10 +180,18 @@ def make_one(stage: int, dtype: str, out: Path, bench: bool = False) -> None:
     if any(codes):
         raise SystemExit(f"stage {stage} {dtype}: worker exit codes {codes}")
     # DeepSpeed copies its own conversion script next to the checkpoint: not test data
-    for script in ("zero_to_fp32.py", "zero_to_torch.py"):
-        (out / script).unlink(missing_ok=True)
+    for script in out.rglob("zero_to_*.py"):
+        script.unlink()
     if bench:
         return
+    if stage == "trainer":
+        for p in out.glob("checkpoint-*"):
+            if p.name != f"checkpoint-{STEPS_BEFORE}":
+                shutil.rmtree(p)
+        for junk in ("training_args.bin",):  # a pickle of TrainingArguments: not read, not kept
+            for p in out.rglob(junk):
+                p.unlink()
+        out = out / f"checkpoint-{STEPS_BEFORE}"
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import save_file
 
@@ -169,12 +209,18 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         stage, dtype, out = args.worker
-        worker(int(stage), dtype, Path(out), bench=args.bench)
+        if stage == "trainer":
+            trainer_worker(Path(out))
+        else:
+            worker(int(stage), dtype, Path(out), bench=args.bench)
         return
     if args.bench:
         make_one(2, "fp32", Path(args.out), bench=True)
         print("wrote", args.out, flush=True)
         return
+    if args.only in (None, "trainer_stage2_fp32"):
+        make_one("trainer", "fp32", Path(args.out) / "trainer_stage2_fp32")
+        print("wrote", Path(args.out) / "trainer_stage2_fp32", flush=True)
     for stage in (1, 2, 3):
         for dtype in ("fp32", "bf16"):
             name = f"stage{stage}_{dtype}"

@@ -84,3 +84,4 @@ def trainer_switch(payload, out_dir: Path):
     return {"losses": {int(h["step"]): h["loss"] for h in trainer.state.log_history if "loss" in h},
             "lr": {int(h["step"]): h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h},
             "global_step": trainer.state.global_step, "error": error}
+

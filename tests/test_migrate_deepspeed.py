@@ -176,3 +176,49 @@ def test_converted_checkpoint_resumes_deepspeed_curve(tmp_path):
     assert info["loaded"].endswith("conv/global_step3")
     assert info["lr"] == pytest.approx([0.004, 0.004]) and info["sched_lr"] == pytest.approx([0.004, 0.004])
     assert info["losses"] == pytest.approx(_meta("stage2_fp32")["continuation_losses"], abs=1e-5, rel=0)
+
+
+# ------------------------------------------------------------------ DeepSpeed inside a Trainer checkpoint
+TRAINER_CK = FIXTURES / "trainer_stage2_fp32" / "checkpoint-3"
+
+
+def test_trainer_deepspeed_checkpoint_is_read_in_place(tmp_path):
+    """A Trainer(deepspeed=...) checkpoint-N/ (DeepSpeed's latest + global_stepN/ inside, next to
+    the Trainer's files): detected as DeepSpeed, exported equal to zero_to_fp32, and its
+    scheduler.pt is the Trainer's schedule after 3 of 6 steps."""
+    from hf_zero.checkpoint.deepspeed_format import trainer_scheduler_state
+    from hf_zero.checkpoint.detect import detect
+
+    found = detect(TRAINER_CK)
+    assert (found.kind, found.world_size, found.directory.name) == ("deepspeed", 2, "global_step3")
+    consolidate(TRAINER_CK, tmp_path / "out", dtype="fp32", progress=False)
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    ref = load_file(str(TRAINER_CK / "zero_to_fp32.safetensors"))
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert (tmp_path / "out" / "config.json").is_file()  # the Trainer's config.json beside the tag
+
+    model = torch.nn.Linear(1, 1)  # two groups, as the Trainer's (decay / no decay)
+    opt = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias]}], lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (6 - s) / 6))
+    state = trainer_scheduler_state(TRAINER_CK, sched)
+    sched.load_state_dict(state)
+    assert state["last_epoch"] == 3 and sched.get_last_lr() == pytest.approx([0.005, 0.005])
+    assert _meta("trainer_stage2_fp32")["lr"]["4"] == pytest.approx(0.005)  # what the Trainer used next
+
+
+def test_engine_loads_trainer_deepspeed_checkpoint():
+    """engine.load_checkpoint(checkpoint-N) with DeepSpeed's files inside: step counts, group lr
+    (the Trainer's linear schedule after 3 of 6 steps) and masters equal zero_to_fp32."""
+    import hf_zero
+    from models import build, grouped_params
+
+    model = build("llama")
+    opt = torch.optim.AdamW(grouped_params(model), lr=1e-2, weight_decay=0.1)
+    engine, _, _, _ = hf_zero.initialize(model=model, optimizer=opt,
+                                         config={"train_batch_size": 12, "zero_optimization": {"stage": 1}})
+    path, _ = engine.load_checkpoint(TRAINER_CK)
+    assert path.name == "global_step3" and engine.global_steps == 3
+    assert [g["lr"] for g in engine.optimizer.param_groups] == pytest.approx([0.005, 0.005])
+    ref = load_file(str(TRAINER_CK / "zero_to_fp32.safetensors"))
+    sd = engine.full_state_dict()
+    assert all(torch.equal(sd[k].float(), ref[k]) for k in ref)

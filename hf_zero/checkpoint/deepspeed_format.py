@@ -514,3 +514,19 @@ class DeepSpeedReader:
 
     def buffer(self, name: str) -> torch.Tensor:
         return self.ck.buffers()[name]
+
+
+def trainer_scheduler_state(checkpoint_dir, sched) -> Optional[dict]:
+    """The LR scheduler state of a Trainer run under DeepSpeed, for the Trainer's ``sched``:
+    its ``scheduler.pt`` when the Trainer wrote one, else the state DeepSpeed kept in its model
+    states (translated, see :func:`translate_scheduler`); None when neither exists."""
+    from .trainer_format import _load, is_marker
+
+    path = Path(checkpoint_dir) / "scheduler.pt"
+    if path.is_file() and not is_marker(path):
+        return _load(path)
+    ck = open_deepspeed(checkpoint_dir)
+    ds = ck.model_states.get("lr_scheduler") if ck is not None else None
+    if ds is None or sched is None:
+        return None
+    return translate_scheduler(ds, sched, [float(g["lr"]) for g in ck.base_param_groups()], ck.model_file)

@@ -342,6 +342,12 @@ class ZeroTrainerMixin:
         _, client = engine.load_checkpoint(checkpoint)
         if client and "lr_scheduler" in client:
             self.lr_scheduler.load_state_dict(client["lr_scheduler"])
+        elif detect(checkpoint).kind == "deepspeed":  # a DeepSpeed Trainer run: its scheduler too
+            from ..checkpoint.deepspeed_format import trainer_scheduler_state
+
+            state = trainer_scheduler_state(checkpoint, self.lr_scheduler)
+            if state is not None:
+                self.lr_scheduler.load_state_dict(state)
 
 
     def _stock_group_names(self):
