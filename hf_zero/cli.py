@@ -1,6 +1,7 @@
 """The ``hf-zero`` command.
 
-Subcommands: ``consolidate`` (sharded checkpoint -> Hugging Face safetensors), ``estimate``
+Subcommands: ``consolidate`` (sharded or DeepSpeed checkpoint -> Hugging Face safetensors),
+``convert`` (DeepSpeed checkpoint -> hf_zero sharded checkpoint), ``estimate``
 (memory per GPU / node for every stage and offload), ``plan`` (the least-sharded setup that fits,
 written as a ZeRO JSON), ``train`` (run a recipe under the current launcher), ``recipes`` (list
 and validate the recipes), ``launch`` (start a script from an accelerate YAML that says
@@ -26,6 +27,19 @@ def _consolidate(args) -> int:
         print(f"hf-zero consolidate: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {len(files)} file(s) to {args.out_dir}: {', '.join(files)}")
+    return 0
+
+
+def _convert(args) -> int:
+    from .checkpoint.convert import convert
+    from .checkpoint.format import CheckpointError
+
+    try:
+        path = convert(args.ds_dir, args.out_dir, tag=args.tag, ranks=args.ranks)
+    except (CheckpointError, ValueError, OSError) as exc:
+        print(f"hf-zero convert: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote hf_zero checkpoint {path}")
     return 0
 
 
@@ -149,7 +163,7 @@ def _add_model_args(p):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-zero", description="ZeRO training tools for Hugging Face models")
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("consolidate", help="write Hugging Face safetensors from a sharded checkpoint")
+    c = sub.add_parser("consolidate", help="write Hugging Face safetensors from a sharded (or DeepSpeed) checkpoint")
     c.add_argument("checkpoint_dir", help="a checkpoint directory, or a directory with a 'latest' pointer")
     c.add_argument("out_dir", help="where to write model*.safetensors and config.json")
     c.add_argument("--tag", default=None, help="which checkpoint under CHECKPOINT_DIR (default: latest)")
@@ -160,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the rank files (sizes are still checked)")
     c.set_defaults(func=_consolidate)
+
+    v = sub.add_parser("convert", help="write a DeepSpeed ZeRO checkpoint as an hf_zero sharded checkpoint")
+    v.add_argument("ds_dir", help="the DeepSpeed checkpoint: the directory with 'latest', or a global_stepN/")
+    v.add_argument("out_dir", help="where to write <tag>/index.json, the rank files and 'latest'")
+    v.add_argument("--tag", default=None, help="which DeepSpeed tag (default: its 'latest')")
+    v.add_argument("--ranks", type=int, default=None,
+                   help="number of rank files (default: the DeepSpeed run's world size); any count resumes anywhere")
+    v.set_defaults(func=_convert)
 
     e = sub.add_parser("estimate", help="memory per GPU and per node for each stage, with and without offload")
     _add_model_args(e)

@@ -170,16 +170,22 @@ def consolidate(checkpoint_dir, out_dir, *, tag: Optional[str] = None, dtype=Non
     ``dtype``: "bf16" | "fp16" | "fp32" (default: the dtype the model trained in). ``verify``:
     check every rank file's size and sha256 against the index first, as ``load_checkpoint`` does.
     """
+    from .deepspeed_format import DeepSpeedIndex, DeepSpeedReader, open_deepspeed
     from .sharded import _SliceReader, name_dtype
 
-    directory = resolve_tag(Path(checkpoint_dir), tag)
-    index = Index.read(directory)
-    index.check_files(verify_hash=verify)
+    deepspeed = open_deepspeed(Path(checkpoint_dir), tag)  # DeepSpeed's files are read in place
+    if deepspeed is not None:
+        index, reader = DeepSpeedIndex(deepspeed), DeepSpeedReader(deepspeed)
+        directory = index.directory
+    else:
+        directory = resolve_tag(Path(checkpoint_dir), tag)
+        index = Index.read(directory)
+        index.check_files(verify_hash=verify)
+        reader = _SliceReader(index)
     out_dtype = parse_dtype(dtype) or name_dtype(index.data["compute_dtype"])
     out_dir = Path(out_dir)
     if out_dir.resolve() == directory.resolve():
         raise CheckpointError(f"{out_dir}: write the export next to the checkpoint, not into it")
-    reader = _SliceReader(index)
     total = sum(e.numel for e in index.params.values()) * torch.tensor([], dtype=out_dtype).element_size()
     bar = _progress(total, "consolidate", progress)
     writer = HFShardWriter(out_dir, max_shard_size, bar)
@@ -191,7 +197,7 @@ def consolidate(checkpoint_dir, out_dir, *, tag: Optional[str] = None, dtype=Non
             for k, export in enumerate(entry.aliases if all_aliases else (entry.export_name,)):
                 writer.add(export, value if k == 0 else value.clone())
         for name in index.data.get("buffers", []):
-            writer.add(name, reader._file(0).get_tensor(f"buffer.{name}"))
+            writer.add(name, reader.buffer(name))
         files = writer.close()
     except BaseException:
         writer.abort()

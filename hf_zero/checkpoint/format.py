@@ -155,6 +155,11 @@ class Index:
         if not directory.is_dir():
             raise CheckpointError(f"{directory}: no such checkpoint directory")
         if not path.is_file():
+            from .detect import describe, detect
+
+            found = detect(directory)
+            if found.kind not in ("unknown", "hf_zero"):
+                raise CheckpointError(describe(found))
             raise CheckpointError(
                 f"{directory}: not an hf_zero checkpoint (no {INDEX}); an interrupted save leaves a "
                 "'.partial-*' directory without one, which is never loaded"
@@ -209,4 +214,6 @@ def resolve_tag(load_dir: Path, tag: Optional[str]) -> Path:
         return load_dir / tag
     if not load_dir.exists():
         raise CheckpointError(f"{load_dir}: no such directory")
-    raise CheckpointError(f"{load_dir}: neither a checkpoint ({INDEX}) nor a directory of them ({LATEST} pointer)")
+    from .detect import describe, detect
+
+    raise CheckpointError(describe(detect(load_dir)))  # what it is instead, and what to run

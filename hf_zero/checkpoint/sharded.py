@@ -404,6 +404,15 @@ class _SliceReader:
                 raise CheckpointError(f"{path}: cannot be read as safetensors ({exc})") from None
         return self._files[rank]
 
+    def state_keys(self, flat_key: str) -> List[str]:
+        """The optimizer states saved for ``flat_key`` (rank 0 owns the first elements of every
+        flat, so its file has every key)."""
+        prefix = f"{flat_key}.state."
+        return sorted(k[len(prefix):] for k in self._file(0).keys() if k.startswith(prefix))
+
+    def buffer(self, name: str) -> torch.Tensor:
+        return self._file(0).get_tensor(f"buffer.{name}")
+
     def has(self, rank: int, key: str) -> bool:
         return key in self._file(rank).keys()
 
@@ -428,7 +437,7 @@ def _check_model_matches(engine, index: Index) -> None:
         for f in u.flats:
             for i, name in enumerate(f.names):
                 ours[name] = (f.shapes[i], f.trainable)
-    where = index.directory / INDEX
+    where = getattr(index, "where", index.directory / INDEX)
     missing = sorted(set(ours) - set(index.params))
     extra = sorted(set(index.params) - set(ours))
     if missing or extra:
@@ -453,25 +462,42 @@ def load_checkpoint(engine, load_dir, tag: Optional[str] = None, load_optimizer_
     """
     if load_module_only:
         load_optimizer_states = load_lr_scheduler_states = False
-    directory = resolve_tag(Path(load_dir), tag)
-    index = Index.read(directory)
-    _check_model_matches(engine, index)
+    from .deepspeed_format import DeepSpeedIndex, DeepSpeedReader, open_deepspeed
 
-    # Validate every file before touching any state; the work is split across ranks.
-    error = ""
-    try:
-        names = sorted(index.files)
-        mine = [n for i, n in enumerate(names) if i % engine.world_size == engine.rank]
-        index.check_files(mine, verify_hash=verify)
-        index.check_files(names, verify_hash=False)  # presence and sizes: cheap, everywhere
-    except CheckpointError as exc:
-        error = str(exc)
-    errors = [e for e in _gather_objects(engine, error) if e]
-    if errors:
-        raise CheckpointError(errors[0])
+    deepspeed = open_deepspeed(Path(load_dir), tag)  # a DeepSpeed checkpoint is read in place
+    if deepspeed is not None:
+        index, reader = DeepSpeedIndex(deepspeed, engine), DeepSpeedReader(deepspeed)
+        directory = index.directory
+        _check_model_matches(engine, index)
+    else:
+        directory = resolve_tag(Path(load_dir), tag)
+        index = Index.read(directory)
+        _check_model_matches(engine, index)
 
+        # Validate every file before touching any state; the work is split across ranks.
+        error = ""
+        try:
+            names = sorted(index.files)
+            mine = [n for i, n in enumerate(names) if i % engine.world_size == engine.rank]
+            index.check_files(mine, verify_hash=verify)
+            index.check_files(names, verify_hash=False)  # presence and sizes: cheap, everywhere
+        except CheckpointError as exc:
+            error = str(exc)
+        errors = [e for e in _gather_objects(engine, error) if e]
+        if errors:
+            raise CheckpointError(errors[0])
+        reader = _SliceReader(index)
+    return restore(engine, directory, index, reader, load_optimizer_states=load_optimizer_states,
+                   load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)
+
+
+def restore(engine, directory: Path, index, reader, *, load_optimizer_states: bool = True,
+            load_lr_scheduler_states: bool = True, load_module_only: bool = False) -> Tuple[Path, dict]:
+    """Collective: apply an opened checkpoint (an hf_zero ``Index`` and its ``_SliceReader``, or
+    a view of a DeepSpeed / stock Trainer checkpoint with the same interface) to ``engine``."""
+    if load_module_only:
+        load_optimizer_states = load_lr_scheduler_states = False
     engine.flush_pending_update()
-    reader = _SliceReader(index)
     scalar = index.data["optimizer"]["scalar_states"]
     trainable_index = {id(f): i for i, f in enumerate(engine._trainable_flats)}
     pieces_by_flat: Dict[int, list] = {}
@@ -526,14 +552,20 @@ def load_checkpoint(engine, load_dir, tag: Optional[str] = None, load_optimizer_
         for name in index.data.get("buffers", []):
             buf = dict(engine.module.named_buffers()).get(name)
             if buf is not None:
-                buf.copy_(reader._file(0).get_tensor(f"buffer.{name}").to(buf.device, buf.dtype))
+                buf.copy_(reader.buffer(name).to(buf.device, buf.dtype))
 
     if load_module_only:
         engine.comm.barrier()
         return directory, _from_json(index.data.get("client_state") or {})
     sched_state = index.data.get("lr_scheduler")
     if load_lr_scheduler_states and sched_state is not None and engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(_from_json(sched_state))
+        sched_state = _from_json(sched_state)
+        if set(sched_state) == {"__deepspeed__"}:  # written by `hf-zero convert` (checkpoint/convert.py)
+            from .deepspeed_format import translate_scheduler
+
+            sched_state = translate_scheduler(sched_state["__deepspeed__"], engine.lr_scheduler,
+                                              [g["lr"] for g in engine.optimizer.param_groups], directory / INDEX)
+        engine.lr_scheduler.load_state_dict(sched_state)
     engine.loss_scaler.load_state_dict(index.data["loss_scaler"])
     engine.global_steps = index.data["global_steps"]
     engine.micro_steps = index.data["micro_steps"]
@@ -541,16 +573,14 @@ def load_checkpoint(engine, load_dir, tag: Optional[str] = None, load_optimizer_
     engine.zero_grad()
     if engine.training_dataloader is not None:
         engine.training_dataloader.seek(engine.micro_steps)
-    if index.world_size == engine.world_size:
+    if index.world_size == engine.world_size and index.data.get("rng"):
         _restore_rng(reader, index, engine)
     engine.comm.barrier()
     return directory, _from_json(index.data.get("client_state") or {})
 
 
-def _state_keys(reader: _SliceReader, index: Index, flat_key: str) -> List[str]:
-    keys = reader._file(0).keys()  # rank 0 owns the first elements of every flat, so has every key
-    prefix = f"{flat_key}.state."
-    return sorted(k[len(prefix):] for k in keys if k.startswith(prefix))
+def _state_keys(reader, index: Index, flat_key: str) -> List[str]:
+    return reader.state_keys(flat_key)
 
 
 def _refresh_full(engine, f) -> None:

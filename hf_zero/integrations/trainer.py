@@ -323,15 +323,41 @@ class ZeroTrainerMixin:
         if engine is None:
             return super()._save_optimizer_and_scheduler(output_dir)
         engine.save_checkpoint(output_dir, client_state={"lr_scheduler": self.lr_scheduler.state_dict()})
+        if self.args.should_save:  # a stock Trainer resuming this folder must fail, not start afresh
+            from ..checkpoint.trainer_format import write_stock_trainer_markers
+
+            write_stock_trainer_markers(output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         engine = self.zero_engine
         if engine is None or checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
+        from ..checkpoint.detect import detect
+
+        if detect(checkpoint).kind == "trainer":  # a stock (DDP) Trainer's checkpoint: switch mid-run
+            from ..checkpoint.trainer_format import load_trainer_checkpoint
+
+            engine.runtime.release_all()
+            load_trainer_checkpoint(engine, checkpoint, self._stock_group_names(), self.lr_scheduler)
+            return
         _, client = engine.load_checkpoint(checkpoint)
         if client and "lr_scheduler" in client:
             self.lr_scheduler.load_state_dict(client["lr_scheduler"])
+        elif detect(checkpoint).kind == "deepspeed":  # a DeepSpeed Trainer run: its scheduler too
+            from ..checkpoint.deepspeed_format import trainer_scheduler_state
 
+            state = trainer_scheduler_state(checkpoint, self.lr_scheduler)
+            if state is not None:
+                self.lr_scheduler.load_state_dict(state)
+
+
+    def _stock_group_names(self):
+        """The parameter names of the stock Trainer's optimizer groups, in its order: those that
+        get weight decay, then the others (Trainer.create_optimizer)."""
+        model = self.zero_engine.module
+        decay = set(self.get_decay_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return [[n for n, _ in named if n in decay], [n for n, _ in named if n not in decay]]
 
     def _move_model_to_device(self, model, device) -> None:
         """The engine places the model itself; a model whose weights are still on the meta
