@@ -32,14 +32,18 @@ class _WakeOnFirstImport:
     def find_spec(self, name, path=None, target=None):
         if name in _TRIGGERS:
             _step_aside(self)
-            try:
-                from hf_zero.integrations.bootstrap import enable
-            except ImportError as exc:
-                print(f"hf_zero: HF_ZERO_CONFIG is set but hf_zero could not be loaded ({exc}); "
-                      "continuing WITHOUT hf_zero", file=sys.stderr, flush=True)
-                return None
-            enable()
+            _enable()
         return None
+
+
+def _enable() -> None:
+    try:
+        from hf_zero.integrations.bootstrap import enable
+    except ImportError as exc:
+        print(f"hf_zero: HF_ZERO_CONFIG is set but hf_zero could not be loaded ({exc}); "
+              "continuing WITHOUT hf_zero", file=sys.stderr, flush=True)
+        return
+    enable()
 
 
 def _step_aside(finder) -> None:
@@ -56,9 +60,7 @@ def activate(environ=os.environ) -> bool:
     if any(isinstance(f, _WakeOnFirstImport) for f in sys.meta_path):
         return False
     if any(name in sys.modules for name in _TRIGGERS):  # too late to wait: patch now
-        from hf_zero.integrations.bootstrap import enable
-
-        enable()
+        _enable()
         return True
     sys.meta_path.insert(0, _WakeOnFirstImport())
     return True
