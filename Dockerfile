@@ -7,11 +7,11 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /workspace/hf_zero
 # dependencies first (cached layer), then the source
-COPY pyproject.toml setup.py README.md _hf_zero_autostart.py hf_zero_autostart.pth ./
+COPY pyproject.toml setup.py README.md _hf_zero_autostart.py ./
 COPY hf_zero ./hf_zero
 # an editable install does not carry the start-up hook (HF_ZERO_CONFIG alone turns hf_zero on): copy it
 RUN pip install -e . peft \
-    && cp hf_zero_autostart.pth "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/" \
+    && python -m _hf_zero_autostart install \
     && python -c "import hf_zero, accelerate, transformers, _hf_zero_autostart; print(hf_zero.__version__)"
 COPY recipes ./recipes
 COPY data ./data

@@ -1,9 +1,11 @@
 """hf_zero's start-up hook: ``HF_ZERO_CONFIG`` alone turns hf_zero on, even in a process that
 never imports it (plain ``torchrun train.py`` on a stock script).
 
-``hf_zero_autostart.pth`` (installed into site-packages beside the package) runs one line when any
-interpreter of the environment starts: it imports this module only when ``HF_ZERO_CONFIG`` is set
-and ``HF_ZERO_AUTOSTART`` is not ``0``. It exists so that the "never silent" promise holds
+``hf_zero_autostart.pth`` (installed into site-packages beside the package) runs one line,
+:data:`PTH_LINE`, when any interpreter of the environment starts: it imports this module only when
+``HF_ZERO_CONFIG`` is set and ``HF_ZERO_AUTOSTART`` is not ``0``. The file is not tracked; it is
+written from :data:`PTH_LINE` by setup.py into a wheel, and by ``python -m _hf_zero_autostart
+install`` into an environment with an editable install (scripts/setup_venv.sh, the Dockerfile). It exists so that the "never silent" promise holds
 on every launch route: with ``HF_ZERO_CONFIG`` set, a stock Trainer / Accelerator runs on hf_zero
 (what ``python -m hf_zero.run`` and ``hf_zero.enable()`` do) instead of silently training plain DDP.
 
@@ -23,6 +25,15 @@ import os
 import sys
 
 _TRIGGERS = ("transformers", "accelerate")
+
+PTH_NAME = "hf_zero_autostart.pth"
+#: the .pth file's one line (site.py executes lines that start with "import")
+PTH_LINE = (
+    'import os, sys; exec("try:\\n import _hf_zero_autostart\\nexcept ImportError as e:\\n sys.stderr.write('
+    'f\\"hf_zero: HF_ZERO_CONFIG is set but the start-up hook could not load ({e}); continuing WITHOUT '
+    'hf_zero\\\\n\\")") if os.environ.get("HF_ZERO_CONFIG") and os.environ.get("HF_ZERO_AUTOSTART", "1") != "0" '
+    'else None'
+)
 
 
 class _WakeOnFirstImport:
@@ -66,4 +77,27 @@ def activate(environ=os.environ) -> bool:
     return True
 
 
-activate()
+def install(directory=None) -> str:
+    """Write the .pth into ``directory`` (default: this environment's site-packages) unless it
+    is there already with the same line; returns its path."""
+    import sysconfig
+
+    path = os.path.join(directory or sysconfig.get_paths()["purelib"], PTH_NAME)
+    text = PTH_LINE + "\n"
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return path
+    except FileNotFoundError:
+        pass
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["install"]:
+        raise SystemExit("usage: python -m _hf_zero_autostart install")
+    print(install())
+else:
+    activate()

@@ -13,6 +13,5 @@ if ! .venv/bin/python -c "import torch, transformers, accelerate, safetensors, d
   .venv/bin/pip install --quiet -e ".[test]"
 fi
 # The start-up hook (hf_zero_autostart.pth, see _hf_zero_autostart.py): a wheel install ships it,
-# an editable one does not, so put it in place here.
-SITE=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-cmp -s hf_zero_autostart.pth "$SITE/hf_zero_autostart.pth" || cp hf_zero_autostart.pth "$SITE/hf_zero_autostart.pth"
+# an editable one does not, so write it here.
+.venv/bin/python -m _hf_zero_autostart install >/dev/null

@@ -185,23 +185,15 @@ def test_stock_trainer_torchrun_deepspeed_json_stage3(tmp_path, reference):
     assert _results(out)[0]["deepspeed_arg"] is None  # moved aside: Transformers never saw it
 
 
-def test_hf_zero_config_on_stock_trainer_torchrun_stage2(tmp_path, reference):
-    """Never silent: ``HF_ZERO_CONFIG`` on a stock script without ``--deepspeed`` runs hf_zero."""
+@pytest.mark.parametrize("route", ["torchrun", "plain-torchrun"])
+def test_hf_zero_config_on_stock_trainer_stage2(tmp_path, reference, route):
+    """Never silent: ``HF_ZERO_CONFIG`` on a stock script without ``--deepspeed`` runs hf_zero,
+    under ``-m hf_zero.run`` and under plain ``torchrun train.py`` (no bootstrap, no
+    ``enable()``: the start-up hook, hf_zero_autostart.pth, turns it on)."""
     (tmp_path / "train.py").write_text(B.TRAINER)
     (tmp_path / "zero.json").write_text(json.dumps(S.zero_cfg(2)))
     out = tmp_path / "out"
-    p = _run([*_launcher("torchrun"), "train.py", "--output_dir", out, *TRAIN_ARGS, *_steps(STEPS)],
-             _env(HF_ZERO_CONFIG=str(tmp_path / "zero.json")), tmp_path)
-    _check_trainer_run(p, out, reference, 2, STEPS)
-
-
-def test_hf_zero_config_on_plain_torchrun_without_bootstrap(tmp_path, reference):
-    """Never silent, even without ``-m hf_zero.run`` or ``enable()``: plain ``torchrun train.py``
-    with ``HF_ZERO_CONFIG`` runs hf_zero through the start-up hook (hf_zero_autostart.pth)."""
-    (tmp_path / "train.py").write_text(B.TRAINER)
-    (tmp_path / "zero.json").write_text(json.dumps(S.zero_cfg(2)))
-    out = tmp_path / "out"
-    p = _run([*_launcher("plain-torchrun"), "train.py", "--output_dir", out, *TRAIN_ARGS, *_steps(STEPS)],
+    p = _run([*_launcher(route), "train.py", "--output_dir", out, *TRAIN_ARGS, *_steps(STEPS)],
              _env(HF_ZERO_CONFIG=str(tmp_path / "zero.json")), tmp_path)
     _check_trainer_run(p, out, reference, 2, STEPS)
 
@@ -225,14 +217,16 @@ def test_wheel_ships_the_startup_hook(tmp_path):
 
     src = tmp_path / "src"  # a copy, so the build leaves nothing in the repository
     shutil.copytree(ROOT / "hf_zero", src / "hf_zero", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "setup.py", "README.md", "_hf_zero_autostart.py", "hf_zero_autostart.pth"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "_hf_zero_autostart.py"):
         shutil.copy(ROOT / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path), str(src)], check=True, capture_output=True, timeout=600)
     (wheel,) = tmp_path.glob("hf_zero-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "hf_zero_autostart.pth" in names and "_hf_zero_autostart.py" in names
-    assert zipfile.ZipFile(wheel).read("hf_zero_autostart.pth") == (ROOT / "hf_zero_autostart.pth").read_bytes()
+    import _hf_zero_autostart
+
+    assert zipfile.ZipFile(wheel).read("hf_zero_autostart.pth").decode() == _hf_zero_autostart.PTH_LINE + "\n"
 
 
 def test_zero_callback_on_stock_trainer_plain_torchrun(tmp_path, reference):
