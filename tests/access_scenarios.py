@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import hf_zero
 from hf_zero.initialize import init_distributed
 from models import VOCAB, batches, build, grouped_params, make_optimizer
+from scenarios import run_steps
 
 STEPS, ACCUM = 2, 2
 #: the parameter each "outside" probe reads (a layer unit's) and a root one
@@ -155,18 +156,7 @@ def save_full(model, path: Path) -> None:
 
 
 def train(engine, rank: int, world: int, between=None):
-    losses = []
-    for step in batches(STEPS, ACCUM, world, rank_skew=False):
-        total = 0.0
-        for micro in step:
-            loss = engine(**micro[rank]).loss
-            engine.backward(loss)
-            engine.step()
-            total += loss.item()
-        losses.append(total / len(step))
-        if between is not None:
-            between()
-    return losses
+    return run_steps(engine, batches(STEPS, ACCUM, world, rank_skew=False), rank, between)
 
 
 # ---------------------------------------------------------------------------------------------

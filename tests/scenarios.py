@@ -52,7 +52,12 @@ def train_case(case: dict, rank: int, world: int):
         model.train()
     opt = make_optimizer(case["opt"], grouped_params(model))
     engine, _, _, _ = hf_zero.initialize(model=model, optimizer=opt, config=engine_config(case, world))
-    data = batches(case.get("steps", 3), case.get("accum", 2), world)
+    return engine, run_steps(engine, batches(case.get("steps", 3), case.get("accum", 2), world), rank)
+
+
+def run_steps(engine, data, rank: int, between=None) -> list:
+    """Train on ``data[step][micro_step][rank]`` (models.batches); return each step's mean
+    micro-batch loss on this rank. ``between()``, if given, runs after every optimizer step."""
     losses = []
     for step in data:
         total = 0.0
@@ -62,7 +67,9 @@ def train_case(case: dict, rank: int, world: int):
             engine.step()
             total += loss.item()
         losses.append(total / len(step))
-    return engine, losses
+        if between is not None:
+            between()
+    return losses
 
 
 def parity(payload, out_dir: Path):
