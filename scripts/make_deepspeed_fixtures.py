@@ -128,7 +128,10 @@ def worker(stage: int, dtype: str, out: Path, bench: bool = False) -> None:
 
 def trainer_worker(out: Path) -> None:
     """The stock Trainer with ``deepspeed=`` (stage 2, fp32) on 2 processes: saves
-    ``checkpoint-3/`` (DeepSpeed's files inside) and logs 6 steps; rows as global_batch(k)."""
+    ``checkpoint-3/`` (DeepSpeed's files inside) and logs 6 steps. The dataset is
+    global_batch(0..5) in order; ``meta["fed_rows"][rank][step]`` records the rows each rank was
+    actually fed (on the CPU accelerator both ranks were fed the same rows), so the test replays
+    exactly the run's data."""
     import torch
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
@@ -148,13 +151,25 @@ def trainer_worker(out: Path) -> None:
                              logging_steps=1, save_strategy="steps", save_steps=STEPS_BEFORE, report_to=[],
                              seed=0, disable_tqdm=True, lr_scheduler_type="linear", dataloader_num_workers=0,
                              deepspeed=cfg, save_only_model=False)
-    trainer = Sequential(model=build_model(), args=args, train_dataset=data)
+    from transformers import default_data_collator
+
+    fed = []  # the dataset rows this rank was fed, one list per step (the test replays them)
+
+    def recording_collator(features):
+        fed.append([ids.index(f["input_ids"]) for f in features])
+        return default_data_collator(features)
+
+    trainer = Sequential(model=build_model(), args=args, train_dataset=data, data_collator=recording_collator)
     trainer.train()
+    import torch.distributed as dist
+
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, fed)
     if trainer.is_world_process_zero():
         losses = {int(h["step"]): h["loss"] for h in trainer.state.log_history if "loss" in h}
         lrs = {int(h["step"]): h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h}
         meta = {"trainer": True, "steps_before": STEPS_BEFORE, "losses": losses, "lr": lrs, "ds_config": cfg,
-                "global_batch": GLOBAL_BATCH, "seq": SEQ}
+                "global_batch": GLOBAL_BATCH, "seq": SEQ, "fed_rows": every_rank}
         (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 

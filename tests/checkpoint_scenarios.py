@@ -24,7 +24,8 @@ def global_batch(step: int, seq: int = 10):
 def engine_for(payload, world):
     model = build(payload.get("model", "llama"))
     opt = torch.optim.AdamW(grouped_params(model), lr=1e-2, weight_decay=0.1)
-    cfg = {"train_batch_size": GLOBAL_BATCH, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+    cfg = {"train_batch_size": GLOBAL_BATCH, "gradient_accumulation_steps": payload.get("accumulate", 1),
+           "gradient_clipping": 1.0,
            "zero_optimization": {"stage": payload["stage"], **payload.get("zero_extra", {})}}
     sched = lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)  # noqa: E731
     engine, _, _, _ = hf_zero.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg)
@@ -44,11 +45,12 @@ def train(payload, out_dir: Path):
     per = GLOBAL_BATCH // world
     losses = []
     for step in range(payload["start"], payload["stop"]):
-        ids = global_batch(step)[rank * per : (rank + 1) * per]
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-        t = loss.detach().clone()
+        t = torch.zeros(())
+        for ids in global_batch(step)[rank * per : (rank + 1) * per].chunk(engine.gradient_accumulation_steps):
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            t += loss.detach() / engine.gradient_accumulation_steps
         if world > 1:
             dist.all_reduce(t)
         losses.append(t.item() / world)

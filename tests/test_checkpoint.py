@@ -34,6 +34,9 @@ def runs(tmp_path_factory):
     out["same"] = launch(2, S, {"stage": 2, "start": 3, "stop": 6, "load": str(ck)}, root / "l_same")[0]
     out["2to3_stage3"] = launch(3, S, {"stage": 3, "start": 3, "stop": 6, "load": str(ck)}, root / "l_23")[0]
     out["2to1_stage1"] = launch(1, S, {"stage": 1, "start": 3, "stop": 6, "load": str(ck)}, root / "l_21")[0]
+    # the same global batch at world 1 in two micro-batches: the saved run accumulated one
+    out["2to1_accumulate2"] = launch(1, S, {"stage": 2, "start": 3, "stop": 6, "load": str(ck), "accumulate": 2},
+                                     root / "l_21acc")[0]
     # 2 -> 3 (stage 1) saving at step 4, then 3 -> 2 (stage 3)
     ck2 = root / "ckpt2"
     out["3_stage1"] = launch(3, S, {"stage": 1, "start": 3, "stop": 4, "load": str(ck), "save": str(ck2)}, root / "l_31")[0]
@@ -66,7 +69,7 @@ def test_resume_same_world_is_exact(runs):
     assert out["same"]["lr"] == out["full"]["lr"]  # the scheduler resumed too
 
 
-@pytest.mark.parametrize("name", ["2to3_stage3", "2to1_stage1", "0to2"])
+@pytest.mark.parametrize("name", ["2to3_stage3", "2to1_stage1", "0to2", "2to1_accumulate2"])
 def test_resume_other_world_and_stage(runs, name):
     _, out = runs
     # the same global batch split differently: equal up to summation order
@@ -267,3 +270,20 @@ def test_dataloader_position_resumes(tmp_path):
     for r in range(2):
         assert first[r]["seen"] + rest[r]["seen"] == full[r]["seen"]
         assert len(rest[r]["seen"]) == 4
+
+
+def test_resumed_micro_steps_follow_the_new_accumulation(tmp_path):
+    """The boundary after a resume: a checkpoint saved at step 3 with 1 micro-batch per step
+    resumes at micro-step 6 under 2 (the next boundary is a whole step away); one saved in the
+    middle of an accumulation is refused under another accumulation, naming both counts."""
+    from hf_zero.checkpoint.sharded import resumed_micro_steps
+
+    ours = {"micro_steps": 3, "zero_config": {"gradient_accumulation_steps": 1}}
+    assert resumed_micro_steps(ours, 2, tmp_path) == 6
+    assert resumed_micro_steps(ours, 1, tmp_path) == 3
+    assert resumed_micro_steps({"micro_steps": 8, "gradient_accumulation_steps": 4}, 2, tmp_path) == 4
+    assert resumed_micro_steps({"micro_steps": 5}, 2, tmp_path) == 5  # no record of the old count: kept
+    mid = {"micro_steps": 7, "zero_config": {"gradient_accumulation_steps": 2}}
+    assert resumed_micro_steps(mid, 2, tmp_path) == 7
+    with pytest.raises(CheckpointError, match=r"micro-batch 1 of an accumulation of 2.*gradient_accumulation_steps=2"):
+        resumed_micro_steps(mid, 4, tmp_path)

@@ -98,32 +98,38 @@ def test_missing_rank_file_is_named(tmp_path):
         consolidate(d, tmp_path / "out", progress=False)
 
 
-# world, stage of the resuming hf_zero run for each fixture (DeepSpeed saved at world 2)
-# (world 3 launches take 30-45 s on the shared 2-core box: marked slow)
+# world, stage and micro-batches per step of the resuming hf_zero run for each fixture (DeepSpeed
+# saved at world 2, one micro-batch of 6 rows per rank); world 3 launches take 30-45 s on the
+# shared 2-core box: marked slow
 _slow = pytest.mark.slow
 RESUMES = [
-    ("stage1_fp32", 1, 3), pytest.param("stage1_fp32", 3, 2, marks=_slow), ("stage2_fp32", 2, 2),
-    pytest.param("stage2_fp32", 3, 0, marks=_slow), pytest.param("stage3_fp32", 3, 1, marks=_slow),
-    ("stage3_fp32", 1, 2), pytest.param("stage3_fp32", 2, 3, marks=_slow),
-    pytest.param("stage1_bf16", 2, 1, marks=_slow), ("stage2_bf16", 1, 0), pytest.param("stage3_bf16", 2, 3, marks=_slow),
-    pytest.param("stage3_bf16", 3, 2, marks=_slow),
+    ("stage1_fp32", 1, 3, 1), pytest.param("stage1_fp32", 3, 2, 1, marks=_slow), ("stage2_fp32", 2, 2, 1),
+    pytest.param("stage2_fp32", 3, 0, 1, marks=_slow), pytest.param("stage3_fp32", 3, 1, 1, marks=_slow),
+    ("stage3_fp32", 1, 2, 2), pytest.param("stage3_fp32", 2, 3, 1, marks=_slow),
+    pytest.param("stage1_bf16", 2, 1, 1, marks=_slow), ("stage2_bf16", 1, 0, 2), ("stage2_bf16", 1, 2, 1),
+    pytest.param("stage3_bf16", 1, 3, 2, marks=_slow), pytest.param("stage3_bf16", 2, 3, 1, marks=_slow),
+    pytest.param("stage3_bf16", 3, 2, 1, marks=_slow),
 ]
 
 
-@pytest.mark.parametrize("name,world,stage", RESUMES)
-def test_resume_matches_deepspeed_continuation(tmp_path, name, world, stage):
+@pytest.mark.parametrize("name,world,stage,accumulate", RESUMES)
+def test_resume_matches_deepspeed_continuation(tmp_path, name, world, stage, accumulate):
     """engine.load_checkpoint(ds_dir) at another world size / stage continues DeepSpeed's curve.
 
-    fp32: the next 3 losses within 1e-5 at every world size. bf16: at DeepSpeed's world size
-    (2) within 1e-5 too; at another world size the first loss (it depends only on the loaded
-    weights) within 1e-5, the later ones within 3e-4, because bf16 gradients of a different
-    per-rank batch split round differently (the same happens between two hf_zero runs)."""
+    fp32: the next 3 losses within 1e-5 at every world size and accumulation. bf16: within 1e-5
+    (in practice bitwise) whenever each micro-batch holds the rows one DeepSpeed rank held, e.g.
+    world 1 with 2 micro-batches per step; with another split (world 1 in one micro-batch of 12
+    rows, world 3 in micro-batches of 4) the first loss (it depends only on the loaded weights)
+    within 1e-5 and the later ones within 3e-4, because bf16 gradients of a different batch
+    split round differently (the same happens between two hf_zero runs)."""
     meta = _meta(name)
-    info = launch(world, "migrate_scenarios:resume_deepspeed", {"fixture": name, "stage": stage}, tmp_path)[0]
+    info = launch(world, "migrate_scenarios:resume_deepspeed",
+                  {"fixture": name, "stage": stage, "accumulate": accumulate}, tmp_path)[0]
     assert info["global_steps"] == meta["steps_before"]
     assert info["lr"] == pytest.approx([0.004, 0.004])  # WarmupLR after 3 of 5 warm-up steps
     ref = meta["continuation_losses"]
-    if meta["dtype"] == "fp32" or world == meta["world_size"]:
+    same_split = meta["global_batch"] // (world * accumulate) == meta["global_batch"] // meta["world_size"]
+    if meta["dtype"] == "fp32" or same_split:
         assert info["losses"] == pytest.approx(ref, abs=1e-5, rel=0)
     else:
         assert info["losses"][0] == pytest.approx(ref[0], abs=1e-5, rel=0)
@@ -222,3 +228,21 @@ def test_engine_loads_trainer_deepspeed_checkpoint():
     ref = load_file(str(TRAINER_CK / "zero_to_fp32.safetensors"))
     sd = engine.full_state_dict()
     assert all(torch.equal(sd[k].float(), ref[k]) for k in ref)
+
+
+@pytest.mark.slow  # a Trainer launch per case: ~30 s each on the 2-core box
+@pytest.mark.parametrize("world,stage", [(2, 2), (1, 3)])
+def test_zero_trainer_continues_the_trainer_deepspeed_curve(tmp_path, world, stage):
+    """ZeroTrainer resuming the Trainer(deepspeed=...) run's checkpoint-3 logs the losses and lr
+    that the DeepSpeed run itself logged at steps 4-6 (same rows, in order)."""
+    meta = _meta("trainer_stage2_fp32")
+    info = launch(world, "migrate_scenarios:trainer_resume_deepspeed",
+                  {"stage": stage, "output_dir": str(tmp_path / "run")}, tmp_path / "logs")[0]
+    after = [str(k) for k in range(meta["steps_before"] + 1, len(meta["losses"]) + 1)]
+    # steps 1-3 come back from the checkpoint's trainer_state.json: the run's own log, not retrained
+    assert [info["losses"][k] for k in after] == pytest.approx([meta["losses"][k] for k in after], abs=1e-5, rel=0)
+    assert [info["lr"][k] for k in after] == pytest.approx([meta["lr"][k] for k in after], rel=1e-9)
+    # the data is the run's own: this rank's rows at steps 4-6 are its share of what DeepSpeed's ranks were fed
+    ds_global = [sum((fed[int(k) - 1] for fed in meta["fed_rows"]), []) for k in after]
+    per = len(ds_global[0]) // world
+    assert info["fed"][:len(after)] == [rows[:per] for rows in ds_global]

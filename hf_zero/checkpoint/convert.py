@@ -103,6 +103,7 @@ def convert(ds_dir, out_dir, *, tag: Optional[str] = None, ranks: Optional[int] 
             "world_size": world,
             "global_steps": data["global_steps"],
             "micro_steps": data["micro_steps"],
+            "gradient_accumulation_steps": data["gradient_accumulation_steps"],
             "skipped_steps": data["skipped_steps"],
             "compute_dtype": data["compute_dtype"],
             "export_all_aliases": False,

@@ -439,6 +439,7 @@ class DeepSpeedIndex:
             "world_size": ck.world_size,
             "global_steps": int(ms.get("global_steps", 0)),
             "micro_steps": int(ms.get("global_steps", 0)) * gas,
+            "gradient_accumulation_steps": gas,
             "skipped_steps": int(ms.get("skipped_steps", 0)),
             "compute_dtype": ck.compute_dtype(),
             "export_all_aliases": False,

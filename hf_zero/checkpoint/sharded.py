@@ -497,6 +497,8 @@ def restore(engine, directory: Path, index, reader, *, load_optimizer_states: bo
     a view of a DeepSpeed / stock Trainer checkpoint with the same interface) to ``engine``."""
     if load_module_only:
         load_optimizer_states = load_lr_scheduler_states = False
+    micro_steps = None if load_module_only else resumed_micro_steps(
+        index.data, engine.gradient_accumulation_steps, directory)  # may refuse: before any state changes
     engine.flush_pending_update()
     scalar = index.data["optimizer"]["scalar_states"]
     trainable_index = {id(f): i for i, f in enumerate(engine._trainable_flats)}
@@ -568,7 +570,7 @@ def restore(engine, directory: Path, index, reader, *, load_optimizer_states: bo
         engine.lr_scheduler.load_state_dict(sched_state)
     engine.loss_scaler.load_state_dict(index.data["loss_scaler"])
     engine.global_steps = index.data["global_steps"]
-    engine.micro_steps = index.data["micro_steps"]
+    engine.micro_steps = micro_steps
     engine.skipped_steps = index.data["skipped_steps"]
     engine.zero_grad()
     if engine.training_dataloader is not None:
@@ -577,6 +579,36 @@ def restore(engine, directory: Path, index, reader, *, load_optimizer_states: bo
         _restore_rng(reader, index, engine)
     engine.comm.barrier()
     return directory, _from_json(index.data.get("client_state") or {})
+
+
+def saved_accumulation(data: dict) -> Optional[int]:
+    """The gradient accumulation steps of the run that wrote a checkpoint's index data (our own
+    index keeps the whole config; DeepSpeed's and the Trainer's views name it directly)."""
+    value = data.get("gradient_accumulation_steps", (data.get("zero_config") or {}).get("gradient_accumulation_steps"))
+    return int(value) if value is not None else None
+
+
+def resumed_micro_steps(data: dict, accumulation: int, directory: Path) -> int:
+    """The micro-step counter to resume with under ``accumulation`` micro-batches per step.
+
+    The counter decides where the next accumulation boundary falls and how many micro-batches the
+    data loader skips. Resumed at another world size with the same global batch, the accumulation
+    changes (e.g. 1 at world 2 becomes 2 at world 1): a checkpoint saved at an optimizer step
+    resumes at step ``global_steps × accumulation`` boundaries, so its first step accumulates all
+    of its micro-batches (keeping the saved count would put the boundary one micro-batch early
+    and step on half a batch). One saved in the middle of an accumulation only resumes with the
+    same accumulation."""
+    saved, saved_accumulation_steps = int(data["micro_steps"]), saved_accumulation(data)
+    if saved_accumulation_steps is None or saved_accumulation_steps == accumulation:
+        return saved
+    steps, within = divmod(saved, saved_accumulation_steps)
+    if within:
+        raise CheckpointError(
+            f"{directory}: saved after micro-batch {within} of an accumulation of {saved_accumulation_steps} "
+            f"(micro-step {saved}), and this run accumulates {accumulation} micro-batches per step; resume it with "
+            f"gradient_accumulation_steps={saved_accumulation_steps}, or from a checkpoint saved at an optimizer step"
+        )
+    return steps * accumulation
 
 
 def _state_keys(reader, index: Index, flat_key: str) -> List[str]:

@@ -115,6 +115,7 @@ class TrainerIndex:
             global_step = int(json.loads(state_file.read_text()).get("global_step", 0))
         self.data = {
             "global_steps": global_step, "micro_steps": global_step * int(gradient_accumulation_steps),
+            "gradient_accumulation_steps": int(gradient_accumulation_steps),
             "skipped_steps": 0, "buffers": [], "rng": None, "client_state": {},
             "optimizer": {"param_groups": [{k: g[k] for k in _GROUP_OPTIONS if k in g} for g in groups],
                           "scalar_states": steps},
