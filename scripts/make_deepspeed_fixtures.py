@@ -50,6 +50,10 @@ def ds_config(stage: int, dtype: str) -> dict:
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": dtype == "bf16"},
+        # dynamic loss scaling from 2^8, growing every 2 clean steps: the continuation grows the
+        # scale, so the resumed scaler state (scale, iteration, last overflow) matters
+        "fp16": {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": 8, "loss_scale_window": 2,
+                 "hysteresis": 2, "min_loss_scale": 1},
         "scheduler": {"type": "WarmupLR",
                       "params": {"warmup_min_lr": 0.0, "warmup_max_lr": LR, "warmup_num_steps": 5,
                                  "warmup_type": "linear"}},
@@ -237,7 +241,7 @@ def main() -> None:
         make_one("trainer", "fp32", Path(args.out) / "trainer_stage2_fp32")
         print("wrote", Path(args.out) / "trainer_stage2_fp32", flush=True)
     for stage in (1, 2, 3):
-        for dtype in ("fp32", "bf16"):
+        for dtype in ("fp32", "bf16", "fp16"):
             name = f"stage{stage}_{dtype}"
             if args.only and args.only != name:
                 continue

@@ -45,13 +45,14 @@ def resume_deepspeed(payload, out_dir: Path):
     path, client = engine.load_checkpoint(payload.get("load") or ds_dir)
     info = {"loaded": str(path), "global_steps": engine.global_steps,
             "lr": [g["lr"] for g in engine.optimizer.param_groups],
-            "sched_lr": engine.lr_scheduler.get_last_lr()}
+            "sched_lr": engine.lr_scheduler.get_last_lr(), "scaler": engine.loss_scaler.state_dict(), "scales": []}
     batch, seq = meta["global_batch"], meta["seq"]
     per = batch // world
     losses = []
     for step in range(meta["steps_before"], meta["steps_before"] + len(meta["continuation_losses"])):
         mine = global_batch(step, batch, seq)[rank * per:(rank + 1) * per]
         t = torch.zeros(())
+        info["scales"].append(engine.loss_scaler.scale)
         for ids in mine.chunk(accumulate):
             loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)

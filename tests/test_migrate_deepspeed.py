@@ -22,7 +22,7 @@ from hf_zero.cli import main
 from launch import launch
 
 FIXTURES = Path(__file__).resolve().parent / "data" / "deepspeed"
-ALL = [f"stage{s}_{d}" for s in (1, 2, 3) for d in ("fp32", "bf16")]
+ALL = [f"stage{s}_{d}" for s in (1, 2, 3) for d in ("fp32", "bf16", "fp16")]
 
 
 def _meta(name):
@@ -109,6 +109,8 @@ RESUMES = [
     pytest.param("stage1_bf16", 2, 1, 1, marks=_slow), ("stage2_bf16", 1, 0, 2), ("stage2_bf16", 1, 2, 1),
     pytest.param("stage3_bf16", 1, 3, 2, marks=_slow), pytest.param("stage3_bf16", 2, 3, 1, marks=_slow),
     pytest.param("stage3_bf16", 3, 2, 1, marks=_slow),
+    ("stage2_fp16", 2, 2, 1), pytest.param("stage1_fp16", 1, 3, 2, marks=_slow),
+    pytest.param("stage3_fp16", 2, 3, 1, marks=_slow), pytest.param("stage3_fp16", 1, 1, 1, marks=_slow),
 ]
 
 
@@ -129,7 +131,16 @@ def test_resume_matches_deepspeed_continuation(tmp_path, name, world, stage, acc
     assert info["lr"] == pytest.approx([0.004, 0.004])  # WarmupLR after 3 of 5 warm-up steps
     ref = meta["continuation_losses"]
     same_split = meta["global_batch"] // (world * accumulate) == meta["global_batch"] // meta["world_size"]
-    if meta["dtype"] == "fp32" or same_split:
+    if meta["dtype"] == "fp16":
+        # DeepSpeed's scaler state after 3 steps (2^8 grown once at its third step, window 2),
+        # and its growth rule continued: grown again after the 5th step
+        assert info["scaler"] == {"scale": 512.0, "hysteresis_left": 2, "iteration": 3, "last_overflow_iteration": -1}
+        assert info["scales"] == [512.0, 512.0, 1024.0]
+        # DeepSpeed unscales the gradients of a step that grows the scale by the grown scale
+        # (docs/config.md, "fp16"): the step after a growth (the 3rd here) differs slightly
+        assert info["losses"][:2] == pytest.approx(ref[:2], abs=1e-5, rel=0)
+        assert info["losses"][2] == pytest.approx(ref[2], abs=3e-4, rel=0)
+    elif meta["dtype"] == "fp32" or same_split:
         assert info["losses"] == pytest.approx(ref, abs=1e-5, rel=0)
     else:
         assert info["losses"][0] == pytest.approx(ref[0], abs=1e-5, rel=0)
