@@ -310,6 +310,11 @@ class ZeroEngine:
                     self.param_swap.adopt(flat)  # written to its swap region now: one unit in RAM
                 elif sharded:
                     flat.detach_shard(torch.device("cpu") if self.offload_param else None)
+                if on_host and self.offload.delayed_update and flat.master_is_shard:
+                    # fp32 with the master where the shard is (a CPU-only run): the delayed
+                    # step's worker would write the live weights during the next forward
+                    flat.master = flat.master.clone()
+                    flat.master_is_shard = False
                 flats.append(flat)
             if flats:
                 units.append(Unit(len(units), spec.name, spec.module, spec.is_root, flats))
