@@ -687,10 +687,19 @@ class ZeroEngine:
         self._eager_submitted.update(idx)
 
     def _stage_publish(self, i: int) -> None:
-        """Worker side: keep flat i's new weights in the compute dtype until the main thread
-        copies them to the device (the worker never writes device parameters)."""
+        """Worker side: flat i's new weights in the compute dtype. Exact update: copied up to
+        the device shard at once, off the compute stream (nothing reads the shard before the
+        main thread's fence and gather). Delayed update, or a shard in a parameter swap file:
+        kept until the main thread publishes them (the next forward must not see them change)."""
         f = self._trainable_flats[i]
-        self._staged[i] = f.master.to(f.dtype, copy=True)
+        if f.master_is_shard:
+            return  # fp32 with master and shard in one place: the step updated the shard itself
+        swapped = self.param_swap is not None and f in self.param_swap
+        staged = self.host.stage(i, f.master, f.dtype, reuse=not swapped)
+        if self.offload.delayed_update or swapped:
+            self._staged[i] = staged
+        else:
+            self.host.publish(i, f.shard, staged)
 
     def _host_update(self, grads: List[torch.Tensor], coef: torch.Tensor) -> None:
         """Exact offloaded step: units already submitted during backward (eager) finish on the
@@ -706,6 +715,7 @@ class ZeroEngine:
             self._device_update(grads, coef, on_device)
         self.host.wait()
         self._apply_staged(gather=False)
+        self.host.fence_published()
         self._gather_updated()
 
     def _delayed_host_update(self, grads: List[torch.Tensor], coef: torch.Tensor) -> None:
@@ -723,11 +733,17 @@ class ZeroEngine:
         self._gather_updated()
 
     def _apply_staged(self, gather: bool = True) -> None:
+        """Main thread: publish the weights the worker staged (delayed update, swapped shards)."""
         if not self._staged:
             return
         for i, w in sorted(self._staged.items()):
-            self.write_shard(self._trainable_flats[i], w, donate=True)
+            f = self._trainable_flats[i]
+            if self.param_swap is not None and f in self.param_swap:
+                self.write_shard(f, w, donate=True)
+            else:
+                self.host.publish(i, f.shard, w)
         self._staged.clear()
+        self.host.fence_published()
         if gather:
             self._gather_updated()
 
@@ -755,6 +771,8 @@ class ZeroEngine:
                 h.wait()
 
     def _finish_step(self) -> None:
+        if self.host is not None:
+            self.host.fence_grads()  # the gradient copies to the host read the buffers zeroed now
         self.zero_grad()
         self._eager_submitted.clear()
         self._eager_trusted = self._backwards_in_micro == 1

@@ -33,6 +33,7 @@ import torch
 
 from .nvme import NvmeSwapStore, Region, SwapPipeline, aligned_empty, region_layout
 from .partial import subset_view
+from .streams import DONE, CopyEvent, CopyStream
 
 
 def step_pieces(optimizer: torch.optim.Optimizer, pieces: Sequence, view=None) -> None:
@@ -68,9 +69,16 @@ class HostStep:
         self.pieces_by_flat: Dict[int, list] = {}
         for piece in engine.pieces:
             self.pieces_by_flat.setdefault(piece.flat_index, []).append(piece)
+        self.pin = pin
         self.host_grad = [torch.zeros(f.shard_numel if i in self.host_indices else 0, dtype=torch.float32,
                                       pin_memory=pin and i in self.host_indices)
                           for i, f in enumerate(self.flats)]
+        # copies off the compute stream (hf_zero.offload.streams): gradients down, weights up
+        self.copies = CopyStream(engine.device)
+        self.host_grad_low: Dict[int, torch.Tensor] = {}   # flat -> pinned bf16/fp16 landing buffer
+        self._grad_copy: Dict[int, tuple] = {}            # flat -> (event, landed buffer, scale)
+        self.staging: Dict[int, torch.Tensor] = {}         # flat -> compute-dtype weights going up
+        self._published: Dict[int, CopyEvent] = {}         # flat -> its last upward copy
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_zero-host-step")
         self.pending: List[Future] = []
         self.store: Optional[NvmeSwapStore] = None
@@ -163,14 +171,62 @@ class HostStep:
 
     # ---------------------------------------------------------------------------- the step
     def grads_down(self, indices: Iterable[int], device_grads: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
-        """Copy device gradient shards into the fp32 host buffers, scaled by ``coef``."""
+        """Start copying device gradient shards to the host, off the compute stream (in their
+        own dtype: a bf16 / fp16 shard lands in a pinned buffer of that dtype); the step waits for
+        each copy, widens it into the fp32 host buffer and scales it by ``coef``."""
         c = coef.to("cpu", torch.float32)
         for i in indices:
-            self.host_grad[i].copy_(device_grads[i])
-            self.host_grad[i].mul_(c)
+            g = device_grads[i]
+            dst = self.host_grad[i]
+            if g.dtype != torch.float32:
+                dst = self.host_grad_low.get(i)
+                if dst is None or dst.dtype != g.dtype:
+                    dst = self.host_grad_low[i] = torch.empty(g.numel(), dtype=g.dtype, pin_memory=self.pin)
+            self._grad_copy[i] = (self.copies.copy(dst, g), dst, c)
+
+    def fence_grads(self) -> None:
+        """Compute stream: wait for the gradient copies issued so far before it writes the
+        device gradient buffers again (zeroing, the next accumulation). GPU-side only."""
+        for event, _, _ in list(self._grad_copy.values()):
+            event.wait_compute()
+
+    def _grad_ready(self, i: int) -> None:
+        """Worker: flat i's fp32 host gradient, scaled, once its copy has landed."""
+        event, landed, c = self._grad_copy[i]
+        event.synchronize()
+        if landed is not self.host_grad[i]:
+            self.host_grad[i].copy_(landed)
+        self.host_grad[i].mul_(c)
+
+    # ---------------------------------------------------------------------------- publishing
+    def stage(self, i: int, master: torch.Tensor, dtype: torch.dtype, reuse: bool = True) -> torch.Tensor:
+        """Worker: flat i's new weights cast to the compute dtype, in a host buffer (pinned with
+        CUDA) kept for the next step when ``reuse`` (then the previous copy from it is waited
+        for first)."""
+        if not reuse:
+            return master.to(dtype, copy=True)
+        buf = self.staging.get(i)
+        if buf is None or buf.dtype != dtype or buf.numel() != master.numel():
+            buf = self.staging[i] = torch.empty(master.numel(), dtype=dtype, pin_memory=self.pin)
+        else:
+            self._published.get(i, DONE).synchronize()
+        buf.copy_(master)
+        return buf
+
+    def publish(self, i: int, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy flat i's staged weights ``src`` into its device shard ``dst`` off the compute
+        stream (any thread); :meth:`fence_published` orders later device work after it."""
+        self._published[i] = self.copies.copy(dst, src)
+
+    def fence_published(self) -> None:
+        """Compute stream: wait for every published shard before it reads them (GPU-side)."""
+        for event in list(self._published.values()):
+            event.wait_compute()
 
     def _step_resident(self, indices: Sequence[int], view=None) -> None:
         opt = self.engine.optimizer
+        for i in indices:
+            self._grad_ready(i)
         pieces = [p for i in indices for p in self.pieces_by_flat.get(i, [])]
         for piece in pieces:
             piece.param.grad = self.host_grad[piece.flat_index][piece.start : piece.end]
