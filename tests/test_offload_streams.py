@@ -72,3 +72,26 @@ def test_fp32_cpu_master_in_the_shard_needs_no_upward_copy():
     assert engine.host.copies.issued == len(engine._trainable_flats)  # gradients only
     assert engine.host.staging == {}
     engine.destroy()
+
+
+def test_gpu_offload_benchmark_runs_on_cpu(tmp_path):
+    """scripts/bench_offload_gpu.py (run on a GPU by scripts/gpu_check.sh) on the CPU with a tiny
+    shape: every mode it measures there, partial ratios included, runs and reports the split."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, str(repo / "scripts" / "bench_offload_gpu.py"), "--device", "cpu",
+                          "--shapes", "tiny", "--seq", "16", "--micro", "1", "--steps", "1", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    runs = {r["mode"]: r for r in json.loads(out.read_text())["runs"]}
+    assert sorted(runs) == sorted(["none", "offload", "delayed", "ratio0.3", "ratio0.5"])
+    assert runs["none"]["optimizer_host_fraction"] == 0.0 and runs["offload"]["optimizer_host_fraction"] == 1.0
+    assert 0.3 <= runs["ratio0.3"]["optimizer_host_fraction"] < runs["ratio0.5"]["optimizer_host_fraction"] < 1.0
+    assert runs["ratio0.3"]["copies"]["issued"] > 0 and runs["none"]["copies"] is None
+    assert all(r["tokens_per_s"] > 0 for r in runs.values())
