@@ -11,8 +11,10 @@ Note:
       the host's (host gradient buffers, swap regions, :meth:`resident`); the engine steps the
       others on the device while this step runs (see :mod:`hf_zero.offload.partial`).
     * Gradients come down in the dtype they were reduced in (bf16 / fp16 under mixed precision,
-      never widened on the device) into one persistent fp32 host buffer per flat, which the
-      pieces' ``.grad`` views. Updated masters go up cast to the compute dtype.
+      never widened on the device), on the copy stream (:mod:`hf_zero.offload.streams`), and
+      are widened on the worker into one persistent fp32 host buffer per flat, which the pieces'
+      ``.grad`` views. Updated masters go up cast to the compute dtype through a reused staging
+      buffer per flat, on the copy stream too.
     * CPU: masters and states stay in (pinned) RAM. NVMe: between steps they live in the swap
       files; ``resident(flat)`` brings one flat's master and states into RAM (and writes them
       back) for the code that needs them outside the step (checkpoints, exports), and the step
