@@ -215,3 +215,31 @@ def test_checkpoint_files_do_not_depend_on_the_ratio(saved):
             assert sorted(got) == sorted(plain)
             bad = [k for k in plain if not torch.equal(plain[k], got[k])]
             assert not bad, f"{other} rank {rank}: {bad[:5]}"
+
+
+def _train_one(zero: dict, dtype=None):
+    from scenarios import run_steps
+
+    model = build("llama")
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 0.5,
+           "zero_optimization": zero}
+    if dtype:
+        cfg[dtype] = {"enabled": True}
+    engine = hf_zero.initialize(model=model, optimizer=make_optimizer("adamw", grouped_params(model)), config=cfg)[0]
+    run_steps(engine, batches(3, 2, 1), 0)
+    sd = engine.full_state_dict()
+    engine.destroy()
+    return sd
+
+
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+@pytest.mark.parametrize("param_device", ["cpu", "nvme"])
+def test_partial_offload_with_parameter_offload_is_bitwise_equal_to_no_offload(tmp_path, param_device, dtype):
+    """Stage 3 with the parameter shards in CPU RAM or on NVMe and 30% of the optimizer state
+    on the host (optimizer state on NVMe: the same through swap files)."""
+    plain = _train_one({"stage": 3}, dtype)
+    nvme = {"nvme_path": str(tmp_path)} if param_device == "nvme" else {}
+    got = _train_one({"stage": 3, "offload_optimizer": {"device": param_device, "ratio": 0.3, **nvme},
+                      "offload_param": {"device": param_device, **nvme}}, dtype)
+    assert all(torch.equal(plain[k], got[k]) for k in plain)
+    assert not any(tmp_path.iterdir())  # swap files removed
