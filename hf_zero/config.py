@@ -553,7 +553,7 @@ class OffloadConfig:
         s(self, "buffer_size", _int("buffer_size", self.buffer_size, minimum=1))
         s(self, "max_in_cpu", _int("max_in_cpu", self.max_in_cpu, minimum=0))
         s(self, "fast_init", _bool("fast_init", self.fast_init))
-        s(self, "ratio", _float("ratio", self.ratio, above=0.0, maximum=1.0))
+        s(self, "ratio", _float("ratio", self.ratio, minimum=0.0, maximum=1.0))
         s(self, "delayed_update", _bool("delayed_update", self.delayed_update))
         s(self, "threads", _int("threads", self.threads, minimum=1, optional=True))
 

@@ -17,8 +17,9 @@ Note:
 from __future__ import annotations
 
 import json
+import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -233,12 +234,14 @@ class Setup:
     stage: int
     offload_optimizer: str = "none"   # none | cpu | nvme
     offload_param: str = "none"       # none | cpu | nvme (stage 3 only)
+    offload_ratio: float = 1.0        # offload_optimizer.ratio: the fraction of it offloaded
 
     @property
     def label(self) -> str:
         parts = [f"stage {self.stage}"]
         if self.offload_optimizer != "none":
-            parts.append(f"optimizer->{self.offload_optimizer}")
+            ratio = f" (ratio {self.offload_ratio:.2f})" if self.offload_ratio < 1.0 else ""
+            parts.append(f"optimizer->{self.offload_optimizer}{ratio}")
         if self.offload_param != "none":
             parts.append(f"params->{self.offload_param}")
         return " + ".join(parts)
@@ -268,7 +271,7 @@ class Estimate:
     def to_dict(self) -> Dict[str, Any]:
         return {
             "setup": self.setup.label, "stage": self.setup.stage, "offload_optimizer": self.setup.offload_optimizer,
-            "offload_param": self.setup.offload_param,
+            "offload_param": self.setup.offload_param, "offload_ratio": self.setup.offload_ratio,
             "per_gpu_gb": {"model_states": self.states_gpu / GB,
                            "live_units": None if self.live_gpu is None else self.live_gpu / GB,
                            "activations": None if self.activations is None else self.activations / GB,
@@ -300,8 +303,13 @@ def estimate(shape: ModelShape, setup: Setup, world_size: int, gpus_per_node: Op
         where["optimizer"] = setup.offload_optimizer
     if setup.offload_param != "none":
         where["params"] = setup.offload_param
+    if not 0.0 <= setup.offload_ratio <= 1.0:
+        raise EstimateError(f"offload ratio must be in [0, 1], got {setup.offload_ratio}")
     spent = {"gpu": 0.0, "cpu": 0.0, "nvme": 0.0}
     for key, value in (("params", params), ("grads", grads), ("optimizer", opt)):
+        if key == "optimizer" and where[key] != "gpu":  # partial offload: the rest stays on the GPU
+            spent["gpu"] += value * (1.0 - setup.offload_ratio)
+            value *= setup.offload_ratio
         spent[where[key]] += value
     # live units: full gradient buffers of the root unit (allocated at the head's gradient, freed
     # after the last reduce-scatter) and of up to two layers, at stages 2-3; at stage 3 also the
@@ -377,6 +385,8 @@ class Plan:
                 zo[key] = {"device": dev, "pin_memory": True}
                 if dev == "nvme":
                     zo[key]["nvme_path"] = nvme_path
+        if s.offload_optimizer != "none" and s.offload_ratio < 1.0:
+            zo["offload_optimizer"]["ratio"] = s.offload_ratio
         return {
             "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
@@ -384,11 +394,33 @@ class Plan:
         }
 
 
+#: Partial offload ratios are proposed in steps of this size (rounded up: never less offloaded
+#: than the formula needs).
+RATIO_STEP = 0.01
+
+
+def fitting_ratio(full: Estimate, usable: float) -> Optional[float]:
+    """The smallest offload ratio (a multiple of :data:`RATIO_STEP`) with which ``full``'s
+    setup, an estimate at ratio 1, fits ``usable`` GPU bytes: the GPU keeps ``1 - ratio`` of the
+    fp32 master + optimizer states on top of ``full.gpu_total``. None when even ratio 1 does
+    not fit."""
+    if full.gpu_total > usable:
+        return None
+    opt = full.breakdown.get("master+optimizer", 0.0)
+    if opt <= 0:
+        return 1.0
+    need = 1.0 - (usable - full.gpu_total) / opt
+    steps = math.ceil(need / RATIO_STEP - 1e-9)
+    return min(1.0, max(0.0, steps * RATIO_STEP))
+
+
 def plan(shape: ModelShape, gpus: int, gpu_memory_gb: float, nodes: int = 1, *,
          cpu_memory_gb: Optional[float] = None, activations: Optional[ActivationSpec] = ActivationSpec(),
          dtype: str = "bf16") -> Plan:
     """The least-sharded setup that fits: stage 2, then stage 3, then optimizer offload, then
-    parameter offload; CPU unless ``cpu_memory_gb`` (per node) is too small, then NVMe."""
+    parameter offload; CPU unless ``cpu_memory_gb`` (per node) is too small, then NVMe. An
+    optimizer offload fills the GPU first: it offloads the smallest fraction of the optimizer
+    state that fits (``offload_optimizer.ratio``, :func:`fitting_ratio`), not all of it."""
     world = gpus * nodes
     usable = gpu_memory_gb * GB * GPU_USABLE_FRACTION
     reasons: List[str] = [f"usable GPU memory: {GPU_USABLE_FRACTION:.0%} of {gpu_memory_gb:g} GB = {usable / GB:.1f} GB "
@@ -434,12 +466,20 @@ def plan(shape: ModelShape, gpus: int, gpu_memory_gb: float, nodes: int = 1, *,
         if not fits_gpu(e):
             reasons.append(f"{setup.label} needs {e.gpu_total / GB:.1f} GB per GPU: too much.")
             continue
+        ratio = fitting_ratio(e, usable)
+        if ratio is not None and ratio < 1.0:
+            full = e
+            setup = replace(setup, offload_ratio=ratio)
+            e = est(setup)
+            reasons.append(f"{full.setup.label} would leave {(usable - full.gpu_total) / GB:.1f} GB of the GPU unused: "
+                           f"offload only {ratio:.0%} of the fp32 master + optimizer states (offload_optimizer.ratio "
+                           f"{ratio:.2f}), {(full.cpu + full.nvme - e.cpu - e.nvme) / GB:.1f} GB less off the GPU per rank.")
         if not cpu_ok(e):
             # the optimizer states to NVMe first; parameter shards as well if that is not enough
-            nv = Setup(setup.stage, "nvme", setup.offload_param)
+            nv = Setup(setup.stage, "nvme", setup.offload_param, setup.offload_ratio)
             e2 = est(nv)
             if setup.offload_param == "cpu" and not cpu_ok(e2):
-                nv = Setup(setup.stage, "nvme", "nvme")
+                nv = Setup(setup.stage, "nvme", "nvme", setup.offload_ratio)
                 e2 = est(nv)
             reasons.append(f"{setup.label} fits the GPU ({e.gpu_total / GB:.1f} GB) but needs {e.node(e.cpu) / GB:.0f} GB "
                            f"of CPU memory per node (> 90% of {cpu_memory_gb:g} GB): offload to NVMe instead "

@@ -142,7 +142,8 @@ class Recipe:
 
         zo = self.zero_dict().get("zero_optimization", {})
         return Setup(int(zo.get("stage", 0)), zo.get("offload_optimizer", {}).get("device", "none"),
-                     zo.get("offload_param", {}).get("device", "none"))
+                     zo.get("offload_param", {}).get("device", "none"),
+                     float(zo.get("offload_optimizer", {}).get("ratio", 1.0)))
 
 
 def load_recipe(spec) -> Recipe:

@@ -72,23 +72,29 @@ def test_plan_decisions():
     p = plan(seven, 4, 80, activations=None)
     assert p.setup == Setup(2) and p.fits
     assert any("stage 1" in r for r in p.reasons)
-    p = plan(seven, 1, 80, activations=None)                   # 112 GB of states on one GPU: offload
-    assert p.setup == Setup(2, "cpu")
-    p = plan(seven, 1, 80, activations=None, cpu_memory_gb=64)  # 84 GB of CPU states > 90% of 64
-    assert p.setup == Setup(2, "nvme")
+    # 112 GB of states on one GPU: offload, only as much as needed. Full offload keeps 28 GB
+    # on the GPU, 44 GB of the 72 usable unused: 1 - 44/84 = 0.476 of the 84 GB of fp32 states go
+    p = plan(seven, 1, 80, activations=None)
+    assert p.setup == Setup(2, "cpu", offload_ratio=0.48)
+    assert p.estimate.cpu == pytest.approx(0.48 * 84e9) and p.estimate.gpu_total <= 72e9
+    p = plan(seven, 1, 80, activations=None, cpu_memory_gb=64)  # 40 GB of CPU states <= 90% of 64
+    assert p.setup == Setup(2, "cpu", offload_ratio=0.48)
+    p = plan(seven, 1, 80, activations=None, cpu_memory_gb=32)  # 40 GB of CPU states > 90% of 32
+    assert p.setup == Setup(2, "nvme", offload_ratio=0.48)
     p = plan(seven, 8, 24, activations=None)                  # stage 2 needs 26.25 GB > 21.6
     assert p.setup == Setup(3)
     p = plan(shape_from_count(70e9), 1, 24, activations=None)
     assert p.setup.offload_param != "none"
     # 70B on 8 x 24 GB: 140 GB of bf16 shards + 840 GB of fp32 Adam states leave the GPUs
     p = plan(shape_from_count(70e9), 8, 24, activations=None, cpu_memory_gb=1024)  # 980 GB > 90%
-    assert p.setup == Setup(3, "nvme", "cpu")                                      # 140 GB fits
+    assert p.setup == Setup(3, "nvme", "cpu", 0.97)   # 140 GB fits; 3% of the states fit on the GPUs
     p = plan(shape_from_count(70e9), 8, 24, activations=None, cpu_memory_gb=128)   # 140 GB > 115 GB
-    assert p.setup == Setup(3, "nvme", "nvme") and p.fits
+    assert p.setup == Setup(3, "nvme", "nvme", 0.97) and p.fits
     assert p.zero_config("/nvme")["zero_optimization"]["offload_param"]["nvme_path"] == "/nvme"
     assert plan(resolve_model("mistral-7b-8gpu-stage3"), 8, 24).setup == Setup(3)
     assert plan(resolve_model("qwen2.5-7b-4gpu-stage2"), 4, 80).setup == Setup(2)
-    assert plan(resolve_model("qwen2.5-14b-1gpu-nvme"), 1, 80, cpu_memory_gb=64).setup == Setup(2, "nvme")
+    # the recipe offloads everything; the planner keeps 2% of the states on the GPU's spare room
+    assert plan(resolve_model("qwen2.5-14b-1gpu-nvme"), 1, 80, cpu_memory_gb=64).setup == Setup(2, "nvme", "none", 0.98)
 
 
 def test_plan_writes_a_loadable_zero_config(tmp_path, capsys):
@@ -121,3 +127,31 @@ def test_activation_formula_and_recompute():
     per_layer = 18 * h + 6 * hkv + 8 * i
     assert off == s * (L * per_layer + 10 * V)
     assert on == s * (L * 2 * h + per_layer + 10 * V)
+
+
+@pytest.mark.parametrize("gpus,gpu_gb,params", [(1, 80, 7e9), (1, 40, 3e9), (2, 24, 7e9), (8, 24, 70e9), (1, 141, 8e9)])
+def test_planned_ratio_is_the_smallest_that_fits_the_formula(gpus, gpu_gb, params):
+    """An offloading plan keeps as much of the optimizer state on the GPU as fits: its ratio
+    fits the usable memory, one step less does not (the memory formula, re-evaluated)."""
+    from hf_zero.estimate import GPU_USABLE_FRACTION, RATIO_STEP, estimate, fitting_ratio
+
+    shape = shape_from_count(params)
+    p = plan(shape, gpus, gpu_gb, activations=None)
+    usable = gpu_gb * GB * GPU_USABLE_FRACTION
+    assert p.setup.offload_optimizer != "none" and p.fits
+    r = p.setup.offload_ratio
+    assert estimate(shape, p.setup, gpus, activations=None).gpu_total <= usable
+    if r - RATIO_STEP >= 0:
+        less = estimate(shape, Setup(p.setup.stage, p.setup.offload_optimizer, p.setup.offload_param, r - RATIO_STEP),
+                        gpus, activations=None)
+        assert less.gpu_total > usable
+    # the estimate splits the fp32 states by the ratio, the rest of the formula unchanged
+    full = estimate(shape, Setup(p.setup.stage, p.setup.offload_optimizer, p.setup.offload_param), gpus, activations=None)
+    opt = full.breakdown["master+optimizer"]
+    part = estimate(shape, p.setup, gpus, activations=None)
+    assert part.gpu_total == pytest.approx(full.gpu_total + (1 - r) * opt)
+    assert part.cpu + part.nvme == pytest.approx(full.cpu + full.nvme - (1 - r) * opt)
+    assert fitting_ratio(full, usable) == r
+    if r < 1:
+        assert p.zero_config()["zero_optimization"]["offload_optimizer"]["ratio"] == r
+        assert "ratio" in p.setup.label

@@ -87,11 +87,6 @@ class ZeroEngine:
             )
         self.offload_param = zo.offload_param.enabled
         self.offload = zo.offload_optimizer
-        if self.offload.enabled and self.offload.ratio != 1.0:
-            raise NotImplementedError(
-                f"zero_optimization.offload_optimizer.ratio={self.offload.ratio}: partial offload is not "
-                "built; hf_zero offloads all of the optimizer state (ratio 1.0) or none"
-            )
         self.config = config
         self.comm = comm
         self.device = device
@@ -167,7 +162,7 @@ class ZeroEngine:
         self._backwards_in_micro = 0  # backward() calls in the micro-step ``_counted_micro``
         self._counted_micro = -1
         self._staged: Dict[int, torch.Tensor] = {}
-        if self.offload.enabled and not self.inference_only:
+        if self._host_flats:  # ratio 0: no flat on the host, the same engine as no offload
             self.host = self._make_host_step()
             self.runtime.on_unit_reduced = self._on_unit_reduced
         self._report_start_divergence()
@@ -290,10 +285,14 @@ class ZeroEngine:
         shard_world = 1 if self.stage == 0 else self.world_size
         shard_rank = 0 if self.stage == 0 else self.rank
         self.param_swap = self._make_param_swap(plan, shard_world) if sharded else None
+        self._host_flats = self._plan_host_flats(plan, shard_world)
         units: List[Unit] = []
+        trainable_seen = 0
         for spec, planned in plan:
             flats = []
             for dtype, named in planned:
+                on_host = named[0][1].requires_grad and trainable_seen in self._host_flats
+                trainable_seen += int(named[0][1].requires_grad)
                 flat = FlatParam(
                     [p for _, p in named],
                     [n for n, _ in named],
@@ -304,19 +303,37 @@ class ZeroEngine:
                     sharded=sharded,
                     alignment=self.alignment,
                     master_dtype=None if self.inference_only else torch.float32,
-                    master_device=torch.device("cpu") if self.offload.enabled else None,
+                    master_device=torch.device("cpu") if on_host else None,
                     source=self._initial_values([p for _, p in named]),
                 )
                 if self.param_swap is not None:
                     self.param_swap.adopt(flat)  # written to its swap region now: one unit in RAM
                 elif sharded:
                     flat.detach_shard(torch.device("cpu") if self.offload_param else None)
+                if on_host and self.offload.delayed_update and flat.master_is_shard:
+                    # fp32 with the master where the shard is (a CPU-only run): the delayed
+                    # step's worker would write the live weights during the next forward
+                    flat.master = flat.master.clone()
+                    flat.master_is_shard = False
                 flats.append(flat)
             if flats:
                 units.append(Unit(len(units), spec.name, spec.module, spec.is_root, flats))
             elif spec.is_root:
                 units.append(Unit(len(units), spec.name, spec.module, True, []))
         return units
+
+    def _plan_host_flats(self, plan, shard_world: int):
+        """Indices (into the trainable flats, in build order) whose fp32 master and optimizer
+        state live on the host: all of them with ``offload_optimizer`` at ratio 1, the trailing
+        ones reaching ``ratio`` of the elements below it (:mod:`hf_zero.offload.partial`)."""
+        if not self.offload.enabled or self.inference_only:
+            return frozenset()
+        from ..offload.partial import host_flat_indices
+        from .flat import padded_size
+
+        numels = [padded_size(sum(p.numel() for _, p in named), self.alignment, shard_world) // shard_world
+                  for _, planned in plan for _, named in planned if named[0][1].requires_grad]
+        return host_flat_indices(numels, self.offload.ratio)
 
     def _make_param_swap(self, plan, shard_world: int):
         """Stage 3 with ``offload_param.device == "nvme"``: the swap file for every flat's shard,
@@ -597,21 +614,38 @@ class ZeroEngine:
             self.loss_scaler.update(True)
             self._finish_step()
 
-    def _device_update(self, grads: List[torch.Tensor], coef: torch.Tensor) -> None:
-        """No offload: step the fp32 master shards where they are."""
-        master_grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
+    def _device_update(self, grads: List[torch.Tensor], coef: torch.Tensor,
+                       indices: Optional[Sequence[int]] = None) -> None:
+        """Step the fp32 master shards where they are: every flat (no offload; then gather), or
+        partial offload's device part, flats ``indices`` only (the caller gathers), through an
+        optimizer view so the host step may run on its thread meanwhile."""
+        every = indices is None
+        indices = range(len(self._trainable_flats)) if every else list(indices)
+        master_grads = {i: grads[i] if grads[i].dtype == torch.float32 else grads[i].float() for i in indices}
         if self.gradient_clipping > 0 or self.loss_scaler.scale != 1.0:
-            for g in master_grads:
+            for g in master_grads.values():
                 g.mul_(coef)
-        for piece in self.pieces:
+        pieces = self.pieces if every else [p for p in self.pieces if p.flat_index in master_grads]
+        for piece in pieces:
             piece.param.grad = master_grads[piece.flat_index][piece.start : piece.end]
-        self.optimizer.step()
-        for piece in self.pieces:
+        if every:
+            self.optimizer.step()
+        else:
+            from ..offload.partial import subset_view
+
+            subset_view(self.optimizer, pieces).step()
+        for piece in pieces:
             piece.param.grad = None
-        for f in self._trainable_flats:
+        for i in indices:
+            f = self._trainable_flats[i]
             if not f.master_is_shard:
                 self.write_shard(f, f.master)
-        self._gather_updated()
+        if every:
+            self._gather_updated()
+
+    def _device_flat_indices(self) -> List[int]:
+        """Partial offload: the trainable flats stepped on the device (none at ratio 1)."""
+        return [i for i in range(len(self._trainable_flats)) if i not in self._host_flats]
 
     # -- offload ---------------------------------------------------------------------------
     def _make_host_step(self):
@@ -628,7 +662,7 @@ class ZeroEngine:
         pin = self.device.type == "cuda" and self.offload.pin_memory
         return HostStep(self, self.offload.device, nvme_path=self.offload.nvme_path,
                         buffer_count=self.offload.buffer_count, aio_block_size=aio.block_size,
-                        aio_threads=max(1, aio.thread_count), pin=pin)
+                        aio_threads=max(1, aio.thread_count), pin=pin, host_indices=self._host_flats)
 
     def _eager_allowed(self) -> bool:
         """Whether a unit's CPU step may start as soon as its gradient is reduced: only when no
@@ -644,45 +678,74 @@ class ZeroEngine:
     def _on_unit_reduced(self, unit) -> None:
         if not self._eager_active or not unit.trainable or not unit.complete:
             return  # a unit reduced before all its gradients were seen is stepped after backward
-        idx = self._flat_indices(unit)
+        idx = [i for i in self._flat_indices(unit) if i in self._host_flats]
+        if not idx:
+            return  # partial offload: this unit is stepped on the device, after backward
         grads = self._grad_shards()
         self.host.grads_down(idx, grads, torch.tensor(1.0 / self.loss_scaler.scale))
         self.host.submit(idx, self._stage_publish)
         self._eager_submitted.update(idx)
 
     def _stage_publish(self, i: int) -> None:
-        """Worker side: keep flat i's new weights in the compute dtype until the main thread
-        copies them to the device (the worker never writes device parameters)."""
+        """Worker side: flat i's new weights in the compute dtype. Exact update: copied up to
+        the device shard at once, off the compute stream (nothing reads the shard before the
+        main thread's fence and gather). Delayed update, or a shard in a parameter swap file:
+        kept until the main thread publishes them (the next forward must not see them change)."""
         f = self._trainable_flats[i]
-        self._staged[i] = f.master.to(f.dtype, copy=True)
+        if f.master_is_shard:
+            return  # fp32 with master and shard in one place: the step updated the shard itself
+        swapped = self.param_swap is not None and f in self.param_swap
+        staged = self.host.stage(i, f.master, f.dtype, reuse=not swapped)
+        if self.offload.delayed_update or swapped:
+            self._staged[i] = staged
+        else:
+            self.host.publish(i, f.shard, staged)
 
     def _host_update(self, grads: List[torch.Tensor], coef: torch.Tensor) -> None:
         """Exact offloaded step: units already submitted during backward (eager) finish on the
-        worker; the rest are stepped now, unit after unit."""
+        worker; the rest of the host's flats are submitted now; with partial offload the
+        device's flats are stepped here meanwhile. Then every updated shard is gathered."""
         done = set(self._eager_submitted)
-        rest = [i for i in range(len(self._trainable_flats)) if i not in done]
+        rest = [i for i in sorted(self._host_flats) if i not in done]
         if rest:
             self.host.grads_down(rest, grads, coef)
             self.host.submit(rest, self._stage_publish)
+        on_device = self._device_flat_indices()
+        if on_device:
+            self._device_update(grads, coef, on_device)
         self.host.wait()
-        self._apply_staged()
+        self._apply_staged(gather=False)
+        self.host.fence_published()
+        self._gather_updated()
 
     def _delayed_host_update(self, grads: List[torch.Tensor], coef: torch.Tensor) -> None:
-        """One-step delayed update: publish the previous step's result, then start this one on
-        the worker; the next forward runs on weights one update old."""
+        """One-step delayed update of the host's flats: publish the previous step's result, then
+        start this one on the worker; the next forward runs on their weights one update old.
+        With partial offload the device's flats are updated at once (exact), meanwhile."""
         self.host.wait()
-        self._apply_staged()
-        all_flats = list(range(len(self._trainable_flats)))
-        self.host.grads_down(all_flats, grads, coef)
-        self.host.submit(all_flats, self._stage_publish)
+        self._apply_staged(gather=False)
+        host = sorted(self._host_flats)
+        self.host.grads_down(host, grads, coef)
+        self.host.submit(host, self._stage_publish)
+        on_device = self._device_flat_indices()
+        if on_device:
+            self._device_update(grads, coef, on_device)
+        self._gather_updated()
 
-    def _apply_staged(self) -> None:
+    def _apply_staged(self, gather: bool = True) -> None:
+        """Main thread: publish the weights the worker staged (delayed update, swapped shards)."""
         if not self._staged:
             return
         for i, w in sorted(self._staged.items()):
-            self.write_shard(self._trainable_flats[i], w, donate=True)
+            f = self._trainable_flats[i]
+            if self.param_swap is not None and f in self.param_swap:
+                self.write_shard(f, w, donate=True)
+            else:
+                self.host.publish(i, f.shard, w)
         self._staged.clear()
-        self._gather_updated()
+        self.host.fence_published()
+        if gather:
+            self._gather_updated()
 
     def flush_pending_update(self) -> None:
         """With the delayed update: finish and publish the update still running, so the
@@ -708,6 +771,8 @@ class ZeroEngine:
                 h.wait()
 
     def _finish_step(self) -> None:
+        if self.host is not None:
+            self.host.fence_grads()  # the gradient copies to the host read the buffers zeroed now
         self.zero_grad()
         self._eager_submitted.clear()
         self._eager_trusted = self._backwards_in_micro == 1
@@ -737,6 +802,15 @@ class ZeroEngine:
             for v in state.values():
                 if torch.is_tensor(v):
                     state_bytes += v.numel() * v.element_size()
+        # what stays on the device: the masters and states of flats not offloaded (all of them
+        # without offload, none at ratio 1, the leading flats with partial offload)
+        on_device = set(self._device_flat_indices())
+        device_master = sum(f.shard_numel * 4 for i, f in enumerate(self._trainable_flats)
+                            if i in on_device and not f.master_is_shard)
+        device_state = sum(v.numel() * v.element_size() for p in self.pieces if p.flat_index in on_device
+                           for v in (self.optimizer.state.get(p.param, {}).values() if self.optimizer is not None else ())
+                           if torch.is_tensor(v))
+        opt_numel = sum(f.shard_numel for f in self._trainable_flats)
         host = self.host.host_bytes() if self.host is not None else {}
         if self.param_swap is not None:  # parameter shards live in their swap file between uses
             host = {**host, "param_nvme_bytes": self.param_swap.nvme_bytes,
@@ -757,7 +831,9 @@ class ZeroEngine:
             "offload_optimizer": self.offload.device,
             "offload_param": self.config.zero_optimization.offload_param.device,
             "device_model_state_bytes": (0 if self.offload_param else param_bytes) + grad_bytes
-            + (0 if self.host else master_bytes + state_bytes),
+            + device_master + device_state,
+            "optimizer_host_fraction": (sum(self._trainable_flats[i].shard_numel for i in self._host_flats)
+                                        / opt_numel) if opt_numel else 0.0,
             **host,
             "comm_bytes_last_step": self._last_comm.as_dict(),
         }

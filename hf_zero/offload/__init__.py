@@ -2,7 +2,9 @@
 
 ``nvme`` keeps flat fp32 tensors (master weights, optimizer states) in preallocated per-rank
 files moved with direct I/O, and ``SwapPipeline`` overlaps reading, stepping and writing them
-unit by unit; ``cpu_optim`` is the fused CPU AdamW step on flat tensors and the thread rule.
+unit by unit; ``cpu_optim`` is the fused CPU AdamW step on flat tensors and the thread rule;
+``partial`` splits the state between host and device (``offload_optimizer.ratio``); ``streams``
+moves shards between them off the compute stream.
 """
 
 from hf_zero.offload.cpu_optim import adamw_reference, cpu_threads_per_rank, fused_adamw_step
