@@ -290,6 +290,10 @@ class ZeroEngine:
         shard_world = 1 if self.stage == 0 else self.world_size
         shard_rank = 0 if self.stage == 0 else self.rank
         self.param_swap = self._make_param_swap(plan, shard_world) if sharded else None
+        # stage 3 on the CPU: gathered buffers reuse resident pages (hf_zero.engine.pool)
+        from .pool import GatherPool
+
+        self.gather_pool = GatherPool.for_cpu(keep=2) if sharded and self.device.type == "cpu" else None
         units: List[Unit] = []
         for spec, planned in plan:
             flats = []
@@ -306,6 +310,7 @@ class ZeroEngine:
                     master_dtype=None if self.inference_only else torch.float32,
                     master_device=torch.device("cpu") if self.offload.enabled else None,
                     source=self._initial_values([p for _, p in named]),
+                    pool=self.gather_pool,
                 )
                 if self.param_swap is not None:
                     self.param_swap.adopt(flat)  # written to its swap region now: one unit in RAM
