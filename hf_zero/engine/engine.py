@@ -539,7 +539,7 @@ class ZeroEngine:
             for fi, f in enumerate(u.flats):
                 if not f.trainable:
                     continue
-                g = u.grad_full.get(fi) if self.stage == 0 else u.grad_shard.get(fi)
+                g = u.grad_full.get(fi) if self.stage == 0 else self.runtime.grad_shard(u, fi)
                 if g is None:
                     g = torch.zeros(f.shard_numel, dtype=torch.float32, device=f.device)
                 out.append(g)

@@ -129,6 +129,8 @@ class GatherPool:
         except OSError:
             return None
         pool._windows.clear()
+        pool.close()  # the probe's page
+        pool.moves_in = pool.misses = 0
         return pool if ok else None
 
     @staticmethod

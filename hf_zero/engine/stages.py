@@ -109,6 +109,7 @@ class Unit:
         self.waiting: set = set()
         self.reduced = False
         self.fresh: set = set()  # flat indices whose shard accumulator holds zeros
+        self.stale: set = set()  # ... of which the memory is not zeroed yet (done when read)
         # the reduction rule (see the module docstring)
         self.pending_uses = 0  # armed forward uses whose backward has not begun
         self.silent_uses = 0  # no-grad calls in a training forward, to be replayed in backward
@@ -271,9 +272,9 @@ class StageRuntime:
                     self._unbind_grads(u, fi)
                 u.grad_full.clear()  # per-backward buffers
                 u.late.clear()
-                for fi, t in u.grad_shard.items():
-                    t.zero_()
-                    u.fresh.add(fi)
+                for fi in u.grad_shard:
+                    u.fresh.add(fi)  # the first reduce-scatter overwrites it: zeroed only if read
+                    u.stale.add(fi)
 
     def remove(self) -> None:
         for h in self._hook_handles:
@@ -592,9 +593,10 @@ class StageRuntime:
             # out of place (it holds what the buffer had: store it).
             view = f.param_view(bound, pi)
             if g is None or g.data_ptr() != view.data_ptr():
+                summed = torch.is_grad_enabled()  # create_graph: autograd's out-of-place sum
                 with torch.no_grad():
                     if g is not None:
-                        view.copy_(g) if torch.is_grad_enabled() else view.add_(g)
+                        view.copy_(g) if summed else view.add_(g)
                 param.grad = view
         else:
             late = unit.reduced and self.stage >= 2
@@ -706,9 +708,18 @@ class StageRuntime:
         acc = unit.grad_shard.get(fi)
         if acc is None:
             f = unit.flats[fi]
-            acc = torch.zeros(f.shard_numel, dtype=self.accum_dtype or f.dtype, device=f.device)
+            acc = torch.empty(f.shard_numel, dtype=self.accum_dtype or f.dtype, device=f.device)
             unit.grad_shard[fi] = acc
             unit.fresh.add(fi)
+            unit.stale.add(fi)
+        return acc
+
+    def grad_shard(self, unit: Unit, fi: int) -> Optional[torch.Tensor]:
+        """Stages 1-3: this rank's reduced gradient shard of flat ``fi`` (None if it has none)."""
+        acc = unit.grad_shard.get(fi)
+        if acc is not None and fi in unit.stale:
+            acc.zero_()
+            unit.stale.discard(fi)
         return acc
 
     def _reduce_scatter_into(self, unit: Unit, fi: int, full: torch.Tensor, async_op: bool = False,
@@ -723,6 +734,9 @@ class StageRuntime:
             full.div_(self.predivide)
         acc = self._shard_accumulator(unit, fi)
         direct = fi in unit.fresh and acc.dtype == full.dtype
+        if not direct and fi in unit.stale:
+            acc.zero_()
+        unit.stale.discard(fi)  # (direct: the reduce-scatter writes all of it)
         out = acc if direct else torch.empty(f.shard_numel, dtype=full.dtype, device=full.device)
         handle = self.comm.reduce_scatter(out, full, async_op=async_op)
         unit.fresh.discard(fi)
