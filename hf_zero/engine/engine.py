@@ -286,6 +286,10 @@ class ZeroEngine:
         shard_rank = 0 if self.stage == 0 else self.rank
         self.param_swap = self._make_param_swap(plan, shard_world) if sharded else None
         self._host_flats = self._plan_host_flats(plan, shard_world)
+        # stage 3 on the CPU: gathered buffers reuse resident pages (hf_zero.engine.pool)
+        from .pool import GatherPool
+
+        self.gather_pool = GatherPool.for_cpu(keep=2) if sharded and self.device.type == "cpu" else None
         units: List[Unit] = []
         trainable_seen = 0
         for spec, planned in plan:
@@ -305,6 +309,7 @@ class ZeroEngine:
                     master_dtype=None if self.inference_only else torch.float32,
                     master_device=torch.device("cpu") if on_host else None,
                     source=self._initial_values([p for _, p in named]),
+                    pool=self.gather_pool,
                 )
                 if self.param_swap is not None:
                     self.param_swap.adopt(flat)  # written to its swap region now: one unit in RAM
@@ -551,7 +556,7 @@ class ZeroEngine:
             for fi, f in enumerate(u.flats):
                 if not f.trainable:
                     continue
-                g = u.grad_full.get(fi) if self.stage == 0 else u.grad_shard.get(fi)
+                g = u.grad_full.get(fi) if self.stage == 0 else self.runtime.grad_shard(u, fi)
                 if g is None:
                     g = torch.zeros(f.shard_numel, dtype=torch.float32, device=f.device)
                 out.append(g)

@@ -9,9 +9,11 @@ Note:
       ``full`` and no per-parameter copy ever happens.
     * With ``sharded=True`` (stage 3), ``shard`` is the only persistent storage (or, with
       parameter offload to NVMe, ``shard`` is None and a swap file holds it); ``full`` keeps
-      its shape but its storage is resized to zero bytes while the unit is not gathered, so
-      tensors that autograd saved stay valid objects and see the data again after the next
-      gather. With ``sharded=False``, ``full`` is always allocated and ``shard`` is a view of it.
+      its shape and its storage object while the unit is not gathered, but holds no memory:
+      on the CPU with a :class:`~hf_zero.engine.pool.GatherPool` its pages are moved into the
+      pool (the window reads zeros) and a gather moves resident pages back; otherwise its
+      storage is resized to zero bytes. Either way tensors that autograd saved stay valid
+      objects and see the data again after the next gather. With ``sharded=False``, ``full`` is always allocated and ``shard`` is a view of it.
     * The shard world may differ from the process world: stage 0 (plain data parallel) uses a
       shard world of one, so every rank owns the whole buffer.
     * ``segments_in_shard()`` is the single source of truth for which parameter elements a rank
@@ -67,6 +69,7 @@ class FlatParam:
         master_dtype: Optional[torch.dtype] = None,
         master_device: Optional[torch.device] = None,
         source: Optional[torch.Tensor] = None,
+        pool=None,
     ):
         assert len(params) == len(names) and params, "a flat buffer needs at least one parameter"
         self.params: List[nn.Parameter] = list(params)
@@ -95,7 +98,13 @@ class FlatParam:
         if source is None:
             source = torch.cat([p.detach().reshape(-1) for p in self.params]) if self.params else torch.zeros(0)
         assert source.numel() == total, (source.numel(), total)
-        self.full = torch.zeros(self.padded_numel, dtype=dtype, device=device)
+        # stage 3 on the CPU: ``full`` lives in a fixed window whose pages a GatherPool moves in
+        # and out (hf_zero.engine.pool); elsewhere its storage is resized
+        self.pool = pool if sharded and device.type == "cpu" else None
+        if self.pool is not None:
+            self.full = self.pool.window(self.padded_numel, dtype)
+        else:
+            self.full = torch.zeros(self.padded_numel, dtype=dtype, device=device)
         with torch.no_grad():
             self.full[:total].copy_(source)
         self.shard = self.full[self.shard_start : self.shard_start + self.shard_numel]
@@ -164,10 +173,19 @@ class FlatParam:
 
     def free_full(self) -> None:
         assert self.sharded
-        self.full.untyped_storage().resize_(0)
+        if self.pool is not None:
+            if self.state is not FlatState.SHARDED:
+                self.pool.release(self.full)
+        else:
+            self.full.untyped_storage().resize_(0)
         self.state = FlatState.SHARDED
 
     def alloc_full(self) -> None:
+        """Memory for ``full`` (its contents are undefined until the gather fills them)."""
+        if self.pool is not None:
+            if self.state is FlatState.SHARDED:
+                self.pool.acquire(self.full)
+            return
         storage = self.full.untyped_storage()
         nbytes = self.padded_numel * self.full.element_size()
         if storage.nbytes() != nbytes:

@@ -1,11 +1,20 @@
 """Per-unit runtime and the autograd/module hooks that implement ZeRO stages 0-3.
 
 Note:
-    * Gradients: a post-accumulate-grad hook on every trainable parameter adds its ``.grad``
-      into the unit's flat gradient buffer and drops ``.grad``. Stages 0 and 1 keep that buffer
-      for the whole accumulation window and reduce at the boundary (``reduce_boundary``); stages
-      2 and 3 allocate it per backward and reduce-scatter it into the rank's shard accumulator as
-      soon as the unit is done, then free it.
+    * Gradients: every trainable parameter's ``.grad`` is a view into its unit's flat gradient
+      buffer while that buffer is live, so autograd accumulates straight into it (as DDP's
+      ``gradient_as_bucket_view``); a post-accumulate-grad hook only counts the arrival. Stages
+      0 and 1 keep the buffer for the whole accumulation window (the views are re-bound when a
+      backward begins, so ``zero_grad(set_to_none=True)`` or a user's ``p.grad = None`` loses
+      nothing) and reduce at the boundary (``reduce_boundary``); stages 2 and 3 take it from a
+      pool (:mod:`hf_zero.engine.pool`) when a use of the unit begins in backward, drop the
+      views and reduce-scatter it into the rank's shard accumulator as soon as the unit is
+      done, then give it back. A gradient that arrives while no view is bound (a buffer dtype
+      other than the parameter's, such as fp32 accumulation of bf16 parameters; a parameter
+      used outside its unit; a late gradient) is added into the buffer by the hook, and
+      ``.grad`` dropped. With ``create_graph=True`` autograd sums out of place; the hook then
+      stores the sum into the view (a ``.grad`` set to None in the same backward, before the
+      views were re-bound, is not supported there).
     * Ordering: every rank must issue the same collectives in the same order. Stages 2-3 reduce
       the units in one fixed *reduction order*, the reverse of the model's module order with the
       root last, the same on every rank whatever each rank's control flow (a unit a rank did not
@@ -59,6 +68,7 @@ import torch.nn as nn
 
 from .collectives import Collectives, Handle
 from .flat import FlatParam, FlatState
+from .pool import BufferPool
 
 
 def in_backward() -> bool:
@@ -94,10 +104,12 @@ class Unit:
         # gradients
         self.grad_full: Dict[int, Optional[torch.Tensor]] = {}  # flat index -> full-size grad buffer
         self.grad_shard: Dict[int, Optional[torch.Tensor]] = {}  # flat index -> shard accumulator
+        self.grad_bound: Dict[int, torch.Tensor] = {}  # flat index -> buffer the params' .grad view
         self.expected = {id(p) for f in self.trainable for p in f.params}
         self.waiting: set = set()
         self.reduced = False
         self.fresh: set = set()  # flat indices whose shard accumulator holds zeros
+        self.stale: set = set()  # ... of which the memory is not zeroed yet (done when read)
         # the reduction rule (see the module docstring)
         self.pending_uses = 0  # armed forward uses whose backward has not begun
         self.silent_uses = 0  # no-grad calls in a training forward, to be replayed in backward
@@ -176,10 +188,12 @@ class StageRuntime:
         self._in_backward_step = False
         self.on_backward_end: Optional[Callable[[], None]] = None
         self.on_unit_reduced: Optional[Callable[[Unit], None]] = None  # e.g. start its CPU step
-        self._pending: list = []  # reduce-scatters in flight: (handle, full, out, acc, direct)
+        self._pending: list = []  # reduce-scatters in flight: (handle, full, out, acc, direct, recycle)
         self.in_forward = False  # between the root's forward pre-hook and its forward hook
         self.hooks_suspended = False  # forward hooks do nothing (a gather-once generate: all pinned)
         self.max_pending_reductions = 2  # full gradient buffers kept alive by them, at most
+        # stages 2-3: the per-backward full gradient buffers, reused (see hf_zero.engine.pool)
+        self.grad_pool = BufferPool(keep=self.max_pending_reductions + 2)
 
     # ------------------------------------------------------------------------------ install
     def install(self) -> None:
@@ -200,8 +214,52 @@ class StageRuntime:
                 if self.stage <= 1:
                     dtype = self.accum_dtype or f.dtype
                     u.grad_full[fi] = torch.zeros(f.padded_numel, dtype=dtype, device=f.device)
+                    self._bind_grads(u, fi, u.grad_full[fi])
                 else:
                     self._shard_accumulator(u, fi)
+
+    # ------------------------------------------------------------------------------ grad views
+    @staticmethod
+    def _bind_grads(unit: Unit, fi: int, buf: torch.Tensor) -> None:
+        """Make every parameter's ``.grad`` of flat ``fi`` a view into ``buf``, so autograd
+        accumulates straight into the flat gradient buffer (no copy in :meth:`_on_grad`).
+        Only where ``buf`` has the parameters' dtype (a gradient must); else the hook copies."""
+        f = unit.flats[fi]
+        if buf.dtype != f.dtype:
+            return
+        for pi, p in enumerate(f.params):
+            p.grad = f.param_view(buf, pi)
+        unit.grad_bound[fi] = buf
+
+    @staticmethod
+    def _unbind_grads(unit: Unit, fi: int) -> None:
+        """Drop the ``.grad`` views into flat ``fi``'s gradient buffer (before it is reduced and
+        recycled, so nobody reads it afterwards through a parameter)."""
+        if unit.grad_bound.pop(fi, None) is not None:
+            for p in unit.flats[fi].params:
+                p.grad = None
+
+    def _bind_unit_grads(self, unit: Unit) -> None:
+        """Stages 2-3, a use of ``unit`` begins in backward: its per-backward gradient buffers
+        (from the pool) and the ``.grad`` views into them, unless it was reduced already (a
+        gradient now is late and goes through the hook's copy)."""
+        if unit.reduced:
+            return
+        for fi, f in enumerate(unit.flats):
+            if f.trainable and fi not in unit.grad_bound:
+                buf = unit.grad_full.get(fi)
+                if buf is None:
+                    buf = self.grad_pool.take(f.padded_numel, self.comm_dtype or f.dtype, f.device)
+                    unit.grad_full[fi] = buf
+                self._bind_grads(unit, fi, buf)
+
+    def _rebind_persistent_grads(self) -> None:
+        """Stages 0-1, a backward begins: the ``.grad`` views into the persistent buffers
+        again (``zero_grad(set_to_none=True)`` or the user may have set ``.grad`` to None;
+        the buffers keep what was accumulated)."""
+        for u in self.units:
+            for fi, buf in u.grad_full.items():
+                self._bind_grads(u, fi, buf)
 
     def zero_grads(self) -> None:
         for u in self.units:
@@ -210,11 +268,13 @@ class StageRuntime:
                     t.zero_()
                 u.grad_shard.clear()  # stage 1: the boundary's reduce-scatter output
             else:
+                for fi in list(u.grad_bound):
+                    self._unbind_grads(u, fi)
                 u.grad_full.clear()  # per-backward buffers
                 u.late.clear()
-                for fi, t in u.grad_shard.items():
-                    t.zero_()
-                    u.fresh.add(fi)
+                for fi in u.grad_shard:
+                    u.fresh.add(fi)  # the first reduce-scatter overwrites it: zeroed only if read
+                    u.stale.add(fi)
 
     def remove(self) -> None:
         for h in self._hook_handles:
@@ -463,6 +523,8 @@ class StageRuntime:
         self.backward_order = order + [self.root]
         self._reduced_upto = 0
         self.reduced_early = 0
+        if self.stage <= 1:
+            self._rebind_persistent_grads()
         for u in self.units:
             u.waiting = set(u.expected)
             u.reduced = False
@@ -491,6 +553,8 @@ class StageRuntime:
         self._event += 1
         unit.start_event = self._event
         unit.active = True
+        if self.stage >= 2:
+            self._bind_unit_grads(unit)
         if unit.is_root:
             self.gather(unit)
             return
@@ -516,19 +580,39 @@ class StageRuntime:
                 self.release(u)
 
     def _on_grad(self, param: nn.Parameter) -> None:
+        g = param.grad  # before _begin_backward, which may re-bind the views
         self._begin_backward()
         unit, fi, pi = self._slot[id(param)]
-        late = unit.reduced and self.stage >= 2
-        store = unit.late if late else unit.grad_full
         f = unit.flats[fi]
-        buf = store.get(fi)
-        if buf is None:
-            dtype = (self.comm_dtype or f.dtype) if self.stage >= 2 else (self.accum_dtype or f.dtype)
-            buf = torch.zeros(f.padded_numel, dtype=dtype, device=f.device)
-            store[fi] = buf
-        with torch.no_grad():
-            f.param_view(buf, pi).add_(param.grad)
-        param.grad = None
+        bound = unit.grad_bound.get(fi)
+        late = False
+        if bound is not None:
+            # ``.grad`` viewed the flat buffer: autograd accumulated in place, nothing to do.
+            # Otherwise ``.grad`` was set to None since (autograd stored this backward's
+            # gradient alone: add it), or ``create_graph=True`` (grad mode on) made the sum
+            # out of place (it holds what the buffer had: store it).
+            view = f.param_view(bound, pi)
+            if g is None or g.data_ptr() != view.data_ptr():
+                summed = torch.is_grad_enabled()  # create_graph: autograd's out-of-place sum
+                with torch.no_grad():
+                    if g is not None:
+                        view.copy_(g) if summed else view.add_(g)
+                param.grad = view
+        else:
+            late = unit.reduced and self.stage >= 2
+            store = unit.late if late else unit.grad_full
+            buf = store.get(fi)
+            if buf is None:
+                if late:
+                    buf = torch.zeros(f.padded_numel, dtype=self.comm_dtype or f.dtype, device=f.device)
+                elif self.stage >= 2:
+                    buf = self.grad_pool.take(f.padded_numel, self.comm_dtype or f.dtype, f.device)
+                else:
+                    buf = torch.zeros(f.padded_numel, dtype=self.accum_dtype or f.dtype, device=f.device)
+                store[fi] = buf
+            with torch.no_grad():
+                f.param_view(buf, pi).add_(param.grad)
+            param.grad = None
         if late:
             return
         unit.waiting.discard(id(param))
@@ -576,6 +660,7 @@ class StageRuntime:
                 self._reduce_next()
             self.wait_reductions()
             self.last_late = self._reduce_late()
+            self.grad_pool.trim()
         self.release_all()
         for use in self._started:
             use.started = False
@@ -623,25 +708,39 @@ class StageRuntime:
         acc = unit.grad_shard.get(fi)
         if acc is None:
             f = unit.flats[fi]
-            acc = torch.zeros(f.shard_numel, dtype=self.accum_dtype or f.dtype, device=f.device)
+            acc = torch.empty(f.shard_numel, dtype=self.accum_dtype or f.dtype, device=f.device)
             unit.grad_shard[fi] = acc
             unit.fresh.add(fi)
+            unit.stale.add(fi)
         return acc
 
-    def _reduce_scatter_into(self, unit: Unit, fi: int, full: torch.Tensor, async_op: bool = False) -> None:
+    def grad_shard(self, unit: Unit, fi: int) -> Optional[torch.Tensor]:
+        """Stages 1-3: this rank's reduced gradient shard of flat ``fi`` (None if it has none)."""
+        acc = unit.grad_shard.get(fi)
+        if acc is not None and fi in unit.stale:
+            acc.zero_()
+            unit.stale.discard(fi)
+        return acc
+
+    def _reduce_scatter_into(self, unit: Unit, fi: int, full: torch.Tensor, async_op: bool = False,
+                             recycle: bool = False) -> None:
         """Average ``full`` over ranks into this rank's shard accumulator (first reduction of a
         window: straight into it; later ones: through a temporary and an add). With
         ``async_op`` the collective runs while backward goes on; :meth:`wait_reductions`
-        completes it (``full`` stays referenced until then)."""
+        completes it (``full`` stays referenced until then, and with ``recycle`` goes back to the
+        gradient pool after)."""
         f = unit.flats[fi]
         if self.predivide != 1.0:
             full.div_(self.predivide)
         acc = self._shard_accumulator(unit, fi)
         direct = fi in unit.fresh and acc.dtype == full.dtype
+        if not direct and fi in unit.stale:
+            acc.zero_()
+        unit.stale.discard(fi)  # (direct: the reduce-scatter writes all of it)
         out = acc if direct else torch.empty(f.shard_numel, dtype=full.dtype, device=full.device)
         handle = self.comm.reduce_scatter(out, full, async_op=async_op)
         unit.fresh.discard(fi)
-        self._pending.append((handle, full, out, acc, direct))
+        self._pending.append((handle, full, out, acc, direct, recycle))
         if not async_op or len(self._pending) > self.max_pending_reductions:
             self.wait_reductions(keep=0 if not async_op else self.max_pending_reductions)
 
@@ -649,8 +748,10 @@ class StageRuntime:
         """Complete the oldest pending reduce-scatters until at most ``keep`` remain."""
         post = self.comm.world_size / self.predivide
         while len(self._pending) > keep:
-            handle, _full, out, acc, direct = self._pending.pop(0)
+            handle, full, out, acc, direct, recycle = self._pending.pop(0)
             handle.wait()
+            if recycle:
+                self.grad_pool.give(full)
             if post != 1.0:
                 out.div_(post)
             if not direct:
@@ -661,10 +762,11 @@ class StageRuntime:
         for fi, f in enumerate(unit.flats):
             if not f.trainable:
                 continue
+            self._unbind_grads(unit, fi)
             full = unit.grad_full.pop(fi, None)
             if full is None:
-                full = torch.zeros(f.padded_numel, dtype=self.comm_dtype or f.dtype, device=f.device)
-            self._reduce_scatter_into(unit, fi, full, async_op=True)
+                full = self.grad_pool.take(f.padded_numel, self.comm_dtype or f.dtype, f.device)
+            self._reduce_scatter_into(unit, fi, full, async_op=True, recycle=True)
 
     def reduce_boundary(self) -> None:
         """Stages 0-1, at the accumulation boundary: average the accumulated full gradients."""
