@@ -1,0 +1,72 @@
+"""Scenarios for the simulated cluster (tests/test_scale*.py, launched by launch.launch_cluster)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import hf_zero
+from hf_zero.initialize import init_distributed
+from models import batches, build, grouped_params, make_optimizer
+from scenarios import case_id, engine_config, run_steps
+
+
+def where(payload, out_dir: Path):
+    """What the launcher told this worker, and the engine's topology of it."""
+    rank, world = init_distributed()
+    engine, *_ = hf_zero.initialize(model=build("llama"), optimizer=None,
+                                    config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+    t = engine.topology
+    out = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
+    out.update(rank=rank, world=world, node=t.node_of(rank), ranks_per_node=t.ranks_per_node)
+    engine.destroy()
+    return out
+
+
+def _config(case: dict, world: int) -> dict:
+    cfg = engine_config(case, world)
+    zo = cfg["zero_optimization"]
+    for key in ("mics_shard_size", "zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_gradients"):
+        if key in case:
+            zo[key] = case[key]
+    if "ranks_per_node" in case:
+        cfg["hf_zero"] = {"ranks_per_node": case["ranks_per_node"]}
+    return cfg
+
+
+def train(payload, out_dir: Path):
+    """Train every case (models.batches data, as scenarios.parity); rank 0 writes the final fp32
+    weights; every rank reports its losses and the bytes of each step (by kind and link)."""
+    rank, world = init_distributed()
+    from safetensors.torch import save_file
+
+    results = {}
+    for case in payload["cases"]:
+        model = build(case["model"])
+        opt = make_optimizer(case["opt"], grouped_params(model))
+        engine, *_ = hf_zero.initialize(model=model, optimizer=opt, config=_config(case, world))
+        comm, times = [], []
+
+        def after():
+            comm.append(engine.memory_report()["comm_bytes_last_step"])
+
+        data = batches(case.get("steps", 3), case.get("accum", 2), world)
+        t0 = time.perf_counter()
+        losses = run_steps(engine, data, rank, between=after)
+        times.append((time.perf_counter() - t0) / len(data))
+        if case.get("save"):
+            engine.save_checkpoint(case["save"], tag="t")
+        sd = engine.full_state_dict()
+        if rank == 0:
+            save_file({k: v.clone() for k, v in sd.items()}, str(out_dir / f"{case_id(case)}.safetensors"))
+        results[case_id(case)] = {
+            "losses": losses, "comm": comm, "step_s": times[0],
+            "flats": [[f.numel, f.padded_numel, f.dtype.itemsize, f.trainable] for u in engine.units for f in u.flats],
+            "shard_world": engine.shard_comm.world_size,
+        }
+        engine.destroy()
+    return results
