@@ -45,6 +45,7 @@ def train(payload, out_dir: Path):
     from safetensors.torch import save_file
 
     results = {}
+    env = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
     for case in payload["cases"]:
         model = build(case["model"])
         opt = make_optimizer(case["opt"], grouped_params(model))
@@ -68,5 +69,7 @@ def train(payload, out_dir: Path):
             "flats": [[f.numel, f.padded_numel, f.dtype.itemsize, f.trainable] for u in engine.units for f in u.flats],
             "shard_world": engine.shard_comm.world_size,
         }
+        topo = engine.topology
+        env.update(rank=rank, world=world, node=topo.node_of(rank), ranks_per_node=topo.ranks_per_node)
         engine.destroy()
-    return results
+    return {"where": env, "cases": results}
