@@ -73,3 +73,39 @@ def train(payload, out_dir: Path):
         env.update(rank=rank, world=world, node=topo.node_of(rank), ranks_per_node=topo.ranks_per_node)
         engine.destroy()
     return {"where": env, "cases": results}
+
+
+def loss_curve(payload, out_dir: Path):
+    """The tiny recipe's model and data (hf_zero.recipes: random-init Llama, 2-digit addition),
+    trained ``steps`` steps per mode at stage 3 with AdamW (the recipe's lr, clipping 1.0);
+    returns per mode the global mean loss of every step and the mean step time."""
+    rank, world = init_distributed()
+    from hf_zero import recipes
+
+    recipe = recipes.load_recipe("tiny")
+    tok = recipes.build_tokenizer(recipe, smoke=False)
+    train_rows, _ = recipes.load_data(recipe, tok, smoke=False)
+    collate = recipes.Collator(tok.pad_token_id)
+    micro, steps = payload.get("micro", 8), payload["steps"]
+    out = {}
+    for name, extra in payload["modes"].items():
+        model = recipes.build_model(recipe, smoke=False, vocab_size=tok.vocab_size)
+        opt = torch.optim.AdamW(model.parameters(), lr=float(recipe.training["learning_rate"]), weight_decay=0.0)
+        cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+               "zero_optimization": {"stage": 3, **extra}}
+        engine, *_ = hf_zero.initialize(model=model, optimizer=opt, config=cfg)
+        losses, cross = [], []
+        t0 = time.perf_counter()
+        for step in range(steps):
+            lo = (step * micro * world + rank * micro) % (len(train_rows) - micro)
+            batch = collate(train_rows[lo : lo + micro])
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            t = loss.detach().clone()
+            dist.all_reduce(t)
+            losses.append(t.item() / world)
+            cross.append(engine.memory_report()["comm_bytes_last_step"]["cross_node"]["data"])
+        out[name] = {"losses": losses, "step_s": (time.perf_counter() - t0) / steps, "cross_node": cross[-1]}
+        engine.destroy()
+    return out

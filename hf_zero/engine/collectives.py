@@ -25,6 +25,7 @@ Note:
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -120,7 +121,7 @@ class Collectives:
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, topology: Optional[Topology] = None,
                  _counters: Optional[tuple] = None):
-        self.group = group
+        self.group = group  # held weakly (see the ``group`` property)
         if dist.is_available() and dist.is_initialized():
             self.rank = dist.get_rank(group)
             self.world_size = dist.get_world_size(group)
@@ -131,6 +132,23 @@ class Collectives:
             self.rank, self.world_size, self.global_rank, self.ranks = 0, 1, 0, [0]
         self.topology = topology
         self._sent, self._cross = _counters if _counters is not None else (Counter(), Counter())
+
+    @property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        """The process group (None: the default one). Held by weak reference: c10d's registry
+        owns it, so destroying the process groups frees its gloo threads even while an engine
+        is still referenced (see hf_zero.engine.teardown)."""
+        if self._group_ref is None:
+            return None
+        group = self._group_ref()
+        if group is None:
+            raise RuntimeError(f"rank {self.global_rank}: the process group over ranks {self.ranks} was destroyed; "
+                               "this engine can no longer communicate (destroy_process_group ran)")
+        return group
+
+    @group.setter
+    def group(self, group: Optional[dist.ProcessGroup]) -> None:
+        self._group_ref = None if group is None else weakref.ref(group)
 
     # -- topology and sub-groups ------------------------------------------------------------
     def set_topology(self, topology: Topology) -> None:
