@@ -19,7 +19,7 @@ What it does
   and split by link from the engine's counters (memory_report()["comm_bytes_last_step"]).
 * The formula (hf_zero.memory.link_bytes_per_step) is printed next to the measurement for the
   same flats, and for an 8-node x 8-GPU and a 128-node x 8-GPU cluster with a 7B-parameter bf16
-  model (per GPU, per step, accumulation 1).
+  model (per GPU, per step, accumulation 1), MiCS and hpZ groups being one node (8 GPUs) there.
 """
 
 from __future__ import annotations
@@ -37,15 +37,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MODES = {
     "stage 3": {"stage": 3},
-    "MiCS 2 (stage 3)": {"stage": 3, "mics_shard_size": 2},
-    "MiCS 2 (stage 2)": {"stage": 2, "mics_shard_size": 2},
-    "hpZ 2": {"stage": 3, "zero_hpz_partition_size": 2},
+    "MiCS node (stage 3)": {"stage": 3, "mics_shard_size": 2},
+    "MiCS node (stage 2)": {"stage": 2, "mics_shard_size": 2},
+    "hpZ node": {"stage": 3, "zero_hpz_partition_size": 2},
     "qwZ": {"stage": 3, "zero_quantized_weights": True},
     "qgZ": {"stage": 3, "zero_quantized_gradients": True},
     "ZeRO++ (qwZ+qgZ+hpZ)": {"stage": 3, "zero_quantized_weights": True, "zero_quantized_gradients": True,
                              "zero_hpz_partition_size": 2},
     "stage 2": {"stage": 2},
 }
+#: group sizes of one node (2 here) become the big clusters' node size (8) in the formula rows
+NODE_SIZED = ("mics_shard_size", "zero_hpz_partition_size")
 NODES, PER_NODE = 2, 2
 
 
@@ -151,7 +153,7 @@ def main() -> None:
                "intra_node_bytes": intra, "formula_cross_node_bytes": f["cross_node"],
                "formula_intra_node_bytes": f["intra_node"], "loss": res[0]["loss"]}
         for nodes in (8, 128):
-            g = _formula([psi], zero, nodes, 8, 2)
+            g = _formula([psi], {k: (8 if k in NODE_SIZED else v) for k, v in zero.items()}, nodes, 8, 2)
             row[f"{nodes}x8_cross_node_GB_per_gpu"] = g["cross_node"] / (nodes * 8) / 1e9
             row[f"{nodes}x8_intra_node_GB_per_gpu"] = g["intra_node"] / (nodes * 8) / 1e9
         rows.append(row)

@@ -77,15 +77,19 @@ def train(payload, out_dir: Path):
 
 def loss_curve(payload, out_dir: Path):
     """The tiny recipe's model and data (hf_zero.recipes: random-init Llama, 2-digit addition),
-    trained ``steps`` steps per mode at stage 3 with AdamW (the recipe's lr, clipping 1.0);
-    returns per mode the global mean loss of every step and the mean step time."""
+    trained ``steps`` steps per mode at stage 3 with AdamW (the recipe's lr, clipping 1.0).
+    Returns per mode the global mean training loss of every step, the loss on a fixed held-out
+    batch (``eval_rows`` rows not trained on) every ``eval_every`` steps, the mean step time and
+    the cross-node bytes of the last step summed over the ranks."""
     rank, world = init_distributed()
     from hf_zero import recipes
 
     recipe = recipes.load_recipe("tiny")
     tok = recipes.build_tokenizer(recipe, smoke=False)
-    train_rows, _ = recipes.load_data(recipe, tok, smoke=False)
+    rows, _ = recipes.load_data(recipe, tok, smoke=False)
     collate = recipes.Collator(tok.pad_token_id)
+    n_eval, every = payload.get("eval_rows", 256), payload.get("eval_every", 10)
+    held, train_rows = collate(rows[-n_eval:]), rows[:-n_eval]
     micro, steps = payload.get("micro", 8), payload["steps"]
     out = {}
     for name, extra in payload["modes"].items():
@@ -94,18 +98,26 @@ def loss_curve(payload, out_dir: Path):
         cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
                "zero_optimization": {"stage": 3, **extra}}
         engine, *_ = hf_zero.initialize(model=model, optimizer=opt, config=cfg)
-        losses, cross = [], []
-        t0 = time.perf_counter()
-        for step in range(steps):
+        losses, evals = [], []
+        elapsed = 0.0
+        for step in range(steps + 1):
+            if step % every == 0:
+                with torch.no_grad():
+                    evals.append(engine(**held).loss.item())
+            if step == steps:
+                break
             lo = (step * micro * world + rank * micro) % (len(train_rows) - micro)
             batch = collate(train_rows[lo : lo + micro])
+            t0 = time.perf_counter()
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
+            elapsed += time.perf_counter() - t0
             t = loss.detach().clone()
             dist.all_reduce(t)
             losses.append(t.item() / world)
-            cross.append(engine.memory_report()["comm_bytes_last_step"]["cross_node"]["data"])
-        out[name] = {"losses": losses, "step_s": (time.perf_counter() - t0) / steps, "cross_node": cross[-1]}
+        cross = torch.tensor([float(engine.memory_report()["comm_bytes_last_step"]["cross_node"]["data"])])
+        dist.all_reduce(cross)
+        out[name] = {"losses": losses, "evals": evals, "step_s": elapsed / steps, "cross_node": cross.item()}
         engine.destroy()
     return out

@@ -11,6 +11,9 @@ from launch import launch_cluster
 STEPS = 200
 MODES = {
     "fp32": {},
+    # the control: exact, only the gradient summation order differs (MiCS), so its distance to
+    # "fp32" is what any last-bit change does to this trajectory
+    "fp32-MiCS": {"mics_shard_size": 2},
     "qwZ": {"zero_quantized_weights": True},
     "qgZ": {"zero_quantized_gradients": True},
     "qwZ+qgZ+hpZ": {"zero_quantized_weights": True, "zero_quantized_gradients": True, "zero_hpz_partition_size": 2},
