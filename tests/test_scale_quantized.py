@@ -18,10 +18,12 @@ MODES = {
     "qgZ": {"zero_quantized_gradients": True},
     "qwZ+qgZ+hpZ": {"zero_quantized_weights": True, "zero_quantized_gradients": True, "zero_hpz_partition_size": 2},
 }
-#: measured on the 2-core box (docs/scale.md): the largest per-step gap to the fp32 curve, and
-#: the gap of the mean over the last 20 steps; the bounds are about twice what was measured
-MAX_STEP_GAP = 0.05
-FINAL_GAP = 0.02
+#: measured on the 2-core box (docs/scale.md). The trajectory is chaotic: the exact control
+#: (fp32-MiCS) ends 0.28 away from fp32 on the held-out batch and its 20-step training-loss
+#: windows differ by up to 0.054. Quantized: window gaps 0.133 (qwZ), 0.161 (qgZ), 0.145
+#: (qwZ+qgZ+hpZ); held-out gaps at most 0.20, 0.39, 0.36. Bounds: about 1.5x the measured.
+WINDOW_GAP = 0.25
+EVAL_GAP = 0.6
 
 pytestmark = pytest.mark.slow
 
@@ -32,13 +34,21 @@ def curves(tmp_path_factory):
     return launch_cluster(2, 2, "scale_scenarios:loss_curve", {"steps": STEPS, "modes": MODES}, out, timeout=1200)[0]
 
 
+def _windows(losses, size=20):
+    return [sum(losses[i : i + size]) / size for i in range(0, len(losses), size)]
+
+
 @pytest.mark.parametrize("mode", [m for m in MODES if m != "fp32"])
 def test_loss_curve_within_tolerance(curves, mode):
-    ref, got = curves["fp32"]["losses"], curves[mode]["losses"]
-    assert len(got) == len(ref) == STEPS
-    assert ref[-1] < 0.6 * ref[0]  # the run learns: the comparison is not between two flat lines
-    gaps = [abs(a - b) for a, b in zip(got, ref)]
-    assert max(gaps) <= MAX_STEP_GAP
-    assert abs(sum(got[-20:]) / 20 - sum(ref[-20:]) / 20) <= FINAL_GAP
-    assert max(gaps) > 0  # quantization changed something
-    assert curves[mode]["cross_node"] < curves["fp32"]["cross_node"]
+    ref, got = curves["fp32"], curves[mode]
+    assert len(got["losses"]) == len(ref["losses"]) == STEPS
+    for run in (ref, got):  # both learn: the comparison is not between two flat lines
+        w = _windows(run["losses"])
+        assert w[-1] < 0.6 * w[0]
+        assert run["evals"][-1] < 0.5 * run["evals"][0]
+    gaps = [abs(a - b) for a, b in zip(_windows(got["losses"]), _windows(ref["losses"]))]
+    assert max(gaps) <= WINDOW_GAP
+    assert max(abs(a - b) for a, b in zip(got["evals"], ref["evals"])) <= EVAL_GAP
+    assert max(gaps) > 0  # the mode changed something
+    if mode != "fp32-MiCS":
+        assert got["cross_node"] < ref["cross_node"]
