@@ -124,12 +124,7 @@ COMPAT_KEYS: Mapping[str, CompatKey] = MappingProxyType(
         "zero_optimization.load_from_fp32_weights": CompatKey("bool"),
         "zero_optimization.memory_efficient_linear": CompatKey("bool"),
         "zero_optimization.use_multi_rank_bucket_allreduce": CompatKey("bool"),
-        "zero_optimization.zero_hpz_partition_size": CompatKey("int", only=1),
-        "zero_optimization.zero_quantized_weights": CompatKey("bool", only=False),
-        "zero_optimization.zero_quantized_gradients": CompatKey("bool", only=False),
         "zero_optimization.zero_quantized_nontrainable_weights": CompatKey("bool", only=False),
-        "zero_optimization.mics_shard_size": CompatKey("int", only=-1),
-        "zero_optimization.mics_hierarchical_params_gather": CompatKey("bool", only=False),
         "zero_optimization.offload_optimizer.pipeline_read": CompatKey("bool"),
         "zero_optimization.offload_optimizer.pipeline_write": CompatKey("bool"),
     }
@@ -611,6 +606,12 @@ class ZeroOptimizationConfig:
     sub_group_size: int = 1_000_000_000
     round_robin_gradients: bool = False
     ignore_unused_parameters: bool = True
+    # beyond one node (hf_zero/engine/hierarchy.py, docs/scale.md)
+    mics_shard_size: int = -1
+    mics_hierarchical_params_gather: bool = False
+    zero_hpz_partition_size: int = 1
+    zero_quantized_weights: bool = False
+    zero_quantized_gradients: bool = False
 
     def __post_init__(self) -> None:
         s = object.__setattr__
@@ -632,6 +633,7 @@ class ZeroOptimizationConfig:
         for name in ("stage3_max_live_parameters", "stage3_max_reuse_distance"):
             s(self, name, _int(name, getattr(self, name), minimum=0))
         s(self, "sub_group_size", _int("sub_group_size", self.sub_group_size, minimum=1))
+        self._check_scale()
 
         # Keys of the other offload section must hold their defaults, so that
         # to_dict() can leave them out and still round-trip.
@@ -662,6 +664,36 @@ class ZeroOptimizationConfig:
                 "but stage is 0",
                 key="offload_optimizer.device",
             )
+
+    def _check_scale(self) -> None:
+        """MiCS / ZeRO++ keys: values, and the combinations that are built (see docs/scale.md);
+        sizes against the world are checked by the engine (hf_zero.engine.hierarchy)."""
+        s = object.__setattr__
+        s(self, "mics_shard_size", _int("mics_shard_size", self.mics_shard_size, minimum=-1))
+        s(self, "zero_hpz_partition_size", _int("zero_hpz_partition_size", self.zero_hpz_partition_size, minimum=0))
+        for name in ("mics_hierarchical_params_gather", "zero_quantized_weights", "zero_quantized_gradients"):
+            s(self, name, _bool(name, getattr(self, name)))
+        if self.zero_hpz_partition_size == 0:  # DeepSpeed's ge=0: 0 and 1 both mean off
+            s(self, "zero_hpz_partition_size", 1)
+        if self.mics_shard_size == 0:
+            s(self, "mics_shard_size", -1)
+        mics = self.mics_shard_size > 0
+        zpp = [k for k, on in (("zero_hpz_partition_size", self.zero_hpz_partition_size > 1),
+                               ("zero_quantized_weights", self.zero_quantized_weights),
+                               ("zero_quantized_gradients", self.zero_quantized_gradients)) if on]
+        if mics and self.stage == 0:
+            raise ConfigError(f"{self.mics_shard_size} needs stage 1, 2 or 3 (stage 0 shards nothing); "
+                              "set a stage or remove the key", key="mics_shard_size")
+        if self.mics_hierarchical_params_gather:
+            raise ConfigError("true is not supported here: MiCS's hierarchical all-gather is not built (hf_zero's "
+                              "MiCS gathers inside the shard group in one ring; keep the shard group inside a node "
+                              "so it never crosses nodes); set it to false", key="mics_hierarchical_params_gather")
+        if zpp and self.stage != 3:
+            raise ConfigError(f"ZeRO++ ({', '.join(zpp)}) needs stage 3, but stage is {self.stage}", key=zpp[0])
+        if zpp and mics:
+            raise ConfigError(f"MiCS (mics_shard_size={self.mics_shard_size}) cannot be combined with ZeRO++ "
+                              f"({', '.join(zpp)}) here (DeepSpeed does not combine them either); use one",
+                              key="mics_shard_size")
 
     @property
     def effective_overlap_comm(self) -> bool:
@@ -727,6 +759,8 @@ class HFZeroConfig:
     exit 0 (see hf_zero.engine.preempt). Null (default): SIGTERM keeps its usual meaning.
     swap_checksums: NVMe offload keeps a checksum per swap write and verifies it on read (a swap
     file overwritten or truncated on disk fails naming the file, instead of NaN weights).
+    ranks_per_node: the ranks of each node (consecutive ranks; null: the launcher's
+    LOCAL_WORLD_SIZE); it decides which bytes count as cross-node and where ZeRO++ groups end.
     """
 
     skip_non_finite_steps: bool = True
@@ -735,6 +769,7 @@ class HFZeroConfig:
     save_on_signal: str | None = None
     save_on_signal_tag: str | None = None
     swap_checksums: bool = True
+    ranks_per_node: int | None = None
 
     def __post_init__(self) -> None:
         s = object.__setattr__
@@ -743,6 +778,7 @@ class HFZeroConfig:
           _int("max_consecutive_skipped_steps", self.max_consecutive_skipped_steps, minimum=0))
         s(self, "check_unit_order", _bool("check_unit_order", self.check_unit_order))
         s(self, "swap_checksums", _bool("swap_checksums", self.swap_checksums))
+        s(self, "ranks_per_node", _int("ranks_per_node", self.ranks_per_node, minimum=1, optional=True))
         for key in ("save_on_signal", "save_on_signal_tag"):
             value = getattr(self, key)
             if isinstance(value, os.PathLike):

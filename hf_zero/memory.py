@@ -9,6 +9,8 @@ Note:
       accumulation 1 (all-gather and reduce-scatter send (N-1)/N of the buffer, all-reduce twice
       that): DDP and stages 0-2 send 2(N-1)/N Ψ elements, stage 3 3(N-1)/N (1.5x), because it
       gathers parameters once in forward and once more in backward.
+    * :func:`link_bytes_per_step` splits a step's bytes by link (intra-node / cross-node) for the
+      hierarchical modes (MiCS, hpZ, qwZ, qgZ), summed over the cluster; docs/scale.md.
 """
 
 from __future__ import annotations
@@ -67,3 +69,86 @@ def comm_bytes_per_step(num_params: float, stage: int, world_size: int, *, param
     if stage in (1, 2):
         return reduce + (frac * num_params * param_bytes if gather_after_step else 0.0)
     return reduce + 2 * frac * num_params * param_bytes
+
+
+# ---------------------------------------------------------------------------- bytes by link
+def _groups(world: int, size: int, strided: bool = False) -> list:
+    """Consecutive groups of ``size`` ranks, or (``strided``) the ranks of equal position in them."""
+    if strided:
+        return [list(range(j, world, size)) for j in range(size)]
+    return [list(range(k * size, (k + 1) * size)) for k in range(world // size)]
+
+
+def link_bytes_per_step(flats, stage: int, nodes: int, ranks_per_node: int, *, accum: int = 1,
+                        mics_shard_size: int = -1, hpz_partition_size: int = 1, quantized_weights: bool = False,
+                        quantized_gradients: bool = False, param_bytes: int = 2, grad_bytes: int = 2) -> dict:
+    """Data bytes of one optimizer step (``accum`` micro-steps), summed over *all* ranks of a
+    cluster of ``nodes`` x ``ranks_per_node``, by link: ``{"intra_node": ..., "cross_node": ...}``.
+
+    ``flats``: the padded element counts of the trainable flat buffers (one number for a whole
+    model is fine when padding does not matter). The model is the counters' own (docs/scale.md):
+    a ring collective over a group of ``k`` ranks sends ``(k-1)/k`` of the buffer (twice that for
+    an all-reduce) from every member to its ring successor, so the cluster's cross-node bytes are
+    the ring's node-crossing edges times one member's volume; an all-to-all sends every peer its
+    own ``1/k`` piece. qwZ and qgZ send int8 values plus one fp32 scale per block of
+    :func:`hf_zero.engine.quant.block_size` elements.
+    """
+    from .engine.quant import block_size, wire_bytes
+    from .engine.topology import Topology
+
+    topo = Topology(nodes * ranks_per_node, ranks_per_node)
+    world = topo.world_size
+    m = mics_shard_size if mics_shard_size > 0 else world
+    tot = {"intra_node": 0.0, "cross_node": 0.0}
+    if world == 1:
+        return tot
+
+    def ring(groups, per_member: float) -> None:
+        for g in groups:
+            k = len(g)
+            if k < 2:
+                continue
+            cross = topo.ring_cross_edges(g)
+            tot["cross_node"] += cross * per_member
+            tot["intra_node"] += (k - cross) * per_member
+
+    def all_to_all(groups, piece: float) -> None:
+        for g in groups:
+            for a in g:
+                for b in g:
+                    if a != b:
+                        tot[topo.link(a, b)] += piece
+
+    shard_groups, replica_groups = _groups(world, m), (_groups(world, m, strided=True) if m < world else [])
+
+    def reduce_grads(numel: int, times: int) -> None:
+        s = numel // m
+        for _ in range(times):
+            if quantized_gradients:
+                g, n = ranks_per_node, nodes
+                length = n * s
+                all_to_all(_groups(world, g), wire_bytes(length, block_size(length)))
+                all_to_all(_groups(world, g, strided=True), wire_bytes(s, block_size(s)))
+            else:
+                ring(shard_groups, (m - 1) * s * grad_bytes)
+            ring(replica_groups, 2 * (len(replica_groups[0]) - 1) / len(replica_groups[0]) * s * grad_bytes
+                 if replica_groups else 0)
+
+    for numel in flats:
+        s = numel // m
+        if stage == 0:
+            ring([list(range(world))], 2 * (world - 1) / world * numel * grad_bytes)
+        elif stage in (1, 2):
+            reduce_grads(numel, 1 if stage == 1 else accum)
+            ring(shard_groups, (m - 1) * s * param_bytes)
+        else:
+            wq = wire_bytes(s, block_size(s)) if quantized_weights else s * param_bytes
+            for _ in range(accum):
+                ring(shard_groups, (m - 1) * wq)  # forward
+                if hpz_partition_size > 1:
+                    h = hpz_partition_size
+                    ring(_groups(world, h), (h - 1) * (numel // h) * param_bytes)
+                else:
+                    ring(shard_groups, (m - 1) * wq)  # backward
+            reduce_grads(numel, accum)
+    return tot

@@ -59,3 +59,50 @@ def launch(world_size: int, scenario: str, payload: dict, out_dir: Path, timeout
         logs = "\n".join(f"--- rank {r} ---\n" + (out_dir / f"rank{r}.log").read_text()[-4000:] for r in range(world_size))
         raise AssertionError(f"scenario {scenario} failed on rank(s) {failed}\n{logs}")
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def launch_cluster(nodes: int, per_node: int, scenario: str, payload: dict, out_dir: Path, timeout: float = 600.0,
+                   env=None):
+    """A simulated cluster: ``nodes`` torchrun agents on localhost (``--nnodes nodes
+    --nproc_per_node per_node``, c10d rendezvous), each starting ``per_node`` workers that run
+    ``scenario`` as :func:`launch` does. Each worker sees torchrun's own RANK, LOCAL_RANK,
+    LOCAL_WORLD_SIZE and GROUP_RANK (its node); ``out_dir/node<i>.log`` holds agent ``i``'s
+    output with every worker's lines (prefixed by torchrun with the worker's local rank)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "payload.json").write_text(json.dumps(payload))
+    port = free_port()
+    world = nodes * per_node
+    procs = []
+    for node in range(nodes):
+        e = dict(os.environ)
+        e.update(env or {})
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            e.pop(key, None)
+        e.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), e.get("PYTHONPATH", "")]))
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc_per_node={per_node}",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=sim{port}",
+               "--max_restarts=0", "--monitor_interval=0.2", "--tee=3", str(HERE / "_worker.py"), scenario,
+               str(out_dir)]
+        log = open(out_dir / f"node{node}.log", "w")
+        procs.append((subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT), log))
+    failed = []
+    try:
+        for node, (p, log) in enumerate(procs):
+            try:
+                rc = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            if rc != 0:
+                failed.append((node, rc))
+                break
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
+    if failed:
+        logs = "\n".join(f"--- node {i} ---\n" + (out_dir / f"node{i}.log").read_text()[-6000:] for i in range(nodes))
+        raise AssertionError(f"scenario {scenario} failed on node(s) {failed}\n{logs}")
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]

@@ -125,8 +125,8 @@ def _rank_tensors(engine) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, float
     for u in engine.units:
         for fi, f in enumerate(u.flats):
             key = _flat_key(u.index, fi)
-            if f.shard_world == 1 and engine.rank != 0:
-                continue  # stage 0: rank 0's copy is the checkpoint
+            if engine.rank >= f.shard_world:
+                continue  # stage 0: rank 0's copy is the checkpoint; MiCS: shard group 0's
             if not f.trainable:
                 out[f"{key}.param"] = engine.read_shard(f).detach().cpu().contiguous()
                 continue
@@ -619,7 +619,7 @@ def _refresh_full(engine, f) -> None:
     """After a shard changed: stages 1-2 re-gather the full parameters (stage 0 holds them all,
     stage 3 gathers on demand)."""
     if engine.stage in (1, 2):
-        engine.comm.all_gather(f.full, f.shard)
+        engine.shard_comm.all_gather(f.full, f.shard)
 
 
 def _restore_rng(reader: _SliceReader, index: Index, engine) -> None:

@@ -11,6 +11,13 @@ Note:
     * Scalars used for control (grad norm, overflow flag) are counted apart as ``"control"`` so
       they do not blur the data volume.
     * With a world of one, no process group is needed: gathers and reductions become copies.
+    * Links (see :mod:`hf_zero.engine.topology` and docs/scale.md): with a
+      :class:`~hf_zero.engine.topology.Topology`, every count is also filed under the link the
+      bytes take, ``"intra_node"`` or ``"cross_node"``. A ring collective sends all of a rank's
+      volume to its successor in the group's rank order; an all-to-all sends each peer its piece.
+      Without a topology everything is intra-node (one node).
+    * Sub-groups (:meth:`Collectives.subgroups`: MiCS shard and replica groups, hpZ's node
+      groups) share their parent's counters, so the engine's per-step totals cover all of them.
     * ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` are deprecated in torch 2.13 in
       favour of ``all_gather_single`` / ``reduce_scatter_single``, which older torch (2.6-2.11)
       lacks; :func:`_resolve` picks whichever exists.
@@ -18,9 +25,12 @@ Note:
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence
+
+from .topology import CROSS, INTRA, Topology
 
 import torch
 import torch.distributed as dist
@@ -79,46 +89,112 @@ class CommTotals:
     all_reduce: int = 0
     broadcast: int = 0
     control: int = 0
+    #: the cross-node part of each kind above (kind -> bytes); the rest went intra-node
+    cross: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def data(self) -> int:
         """Bytes of parameters and gradients (everything except control scalars)."""
         return self.all_gather + self.reduce_scatter + self.all_reduce + self.broadcast
 
+    @property
+    def cross_node(self) -> int:
+        """Data bytes (not control) this rank sent to another node."""
+        return sum(v for k, v in self.cross.items() if k != "control")
+
+    @property
+    def intra_node(self) -> int:
+        return self.data - self.cross_node
+
     def as_dict(self) -> dict:
+        kinds = ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "control")
         return {
-            "all_gather": self.all_gather,
-            "reduce_scatter": self.reduce_scatter,
-            "all_reduce": self.all_reduce,
-            "broadcast": self.broadcast,
-            "control": self.control,
+            **{k: getattr(self, k) for k in kinds},
             "data": self.data,
+            CROSS: {**{k: int(self.cross.get(k, 0)) for k in kinds}, "data": self.cross_node},
+            INTRA: {**{k: getattr(self, k) - int(self.cross.get(k, 0)) for k in kinds}, "data": self.intra_node},
         }
 
 
 class Collectives:
     """The engine's collectives over one process group, with byte counters."""
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None):
-        self.group = group
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, topology: Optional[Topology] = None,
+                 _counters: Optional[tuple] = None):
+        self.group = group  # held weakly (see the ``group`` property)
         if dist.is_available() and dist.is_initialized():
             self.rank = dist.get_rank(group)
             self.world_size = dist.get_world_size(group)
+            self.global_rank = dist.get_rank()
+            self.ranks: List[int] = (list(dist.get_process_group_ranks(group)) if group is not None
+                                     else list(range(dist.get_world_size())))
         else:
-            self.rank, self.world_size = 0, 1
-        self._sent: Counter = Counter()
+            self.rank, self.world_size, self.global_rank, self.ranks = 0, 1, 0, [0]
+        self.topology = topology
+        self._sent, self._cross = _counters if _counters is not None else (Counter(), Counter())
+
+    @property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        """The process group (None: the default one). Held by weak reference: c10d's registry
+        owns it, so destroying the process groups frees its gloo threads even while an engine
+        is still referenced (see hf_zero.engine.teardown)."""
+        if self._group_ref is None:
+            return None
+        group = self._group_ref()
+        if group is None:
+            raise RuntimeError(f"rank {self.global_rank}: the process group over ranks {self.ranks} was destroyed; "
+                               "this engine can no longer communicate (destroy_process_group ran)")
+        return group
+
+    @group.setter
+    def group(self, group: Optional[dist.ProcessGroup]) -> None:
+        self._group_ref = None if group is None else weakref.ref(group)
+
+    # -- topology and sub-groups ------------------------------------------------------------
+    def set_topology(self, topology: Topology) -> None:
+        """Count this group's bytes by link from now on (the engine sets it once, at start)."""
+        self.topology = topology
+
+    def subgroups(self, partition: Sequence[Sequence[int]]) -> "Collectives":
+        """Collective over this (world) group: create one process group per rank list of
+        ``partition`` (global ranks; together every rank exactly once) and return the one
+        this rank belongs to, counting into this object's counters."""
+        flat = sorted(r for g in partition for r in g)
+        if flat != sorted(self.ranks):
+            raise ValueError(f"sub-groups {list(map(list, partition))} must hold every rank of {self.ranks} once")
+        mine = None
+        for ranks in partition:
+            ranks = list(ranks)
+            group = dist.new_group(ranks) if self.world_size > 1 else None
+            if self.global_rank in ranks:
+                mine = Collectives(group, self.topology, _counters=(self._sent, self._cross))
+                if self.world_size == 1 or len(ranks) == 1:
+                    mine.rank, mine.world_size, mine.ranks = ranks.index(self.global_rank), len(ranks), ranks
+        assert mine is not None
+        return mine
+
+    def link(self) -> str:
+        """The link this rank's ring sends go over in this group."""
+        if self.topology is None or self.world_size == 1:
+            return INTRA
+        return self.topology.ring_link(self.ranks, self.global_rank)
 
     # -- accounting -------------------------------------------------------------------------
-    def _count(self, kind: str, nbytes: float) -> None:
-        self._sent[kind] += int(round(nbytes))
+    def _count(self, kind: str, nbytes: float, link: Optional[str] = None) -> None:
+        n = int(round(nbytes))
+        self._sent[kind] += n
+        if (link or self.link()) == CROSS:
+            self._cross[kind] += n
 
     def totals(self) -> CommTotals:
-        return CommTotals(**{k: int(v) for k, v in self._sent.items()})
+        return CommTotals(**{k: int(v) for k, v in self._sent.items()},
+                          cross={k: int(v) for k, v in self._cross.items()})
 
     def take_totals(self) -> CommTotals:
         """Return the totals since the last call and reset the counters."""
         out = self.totals()
         self._sent.clear()
+        self._cross.clear()
         return out
 
     # -- collectives ------------------------------------------------------------------------
@@ -162,6 +238,24 @@ class Collectives:
             dist.all_reduce(tensor, op=reduce_op, group=self.group)
         except RuntimeError as exc:
             raise _timed_out(exc, f"all_reduce ({op})") from exc
+
+    def all_to_all(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        """Piece ``j`` of ``input`` (equal pieces, one per rank) goes to rank ``j``; rank ``i``'s
+        piece for this rank lands at piece ``i`` of ``output``. Each peer's piece is counted on
+        the link to that peer."""
+        assert input.numel() == output.numel() and input.numel() % self.world_size == 0
+        if self.world_size == 1:
+            output.copy_(input)
+            return
+        piece = input.numel() // self.world_size * input.element_size()
+        for j, peer in enumerate(self.ranks):
+            if peer != self.global_rank:
+                link = self.topology.link(self.global_rank, peer) if self.topology is not None else INTRA
+                self._count("reduce_scatter", piece, link)
+        try:
+            dist.all_to_all_single(output, input, group=self.group)
+        except RuntimeError as exc:
+            raise _timed_out(exc, "all_to_all") from exc
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         if self.world_size == 1:

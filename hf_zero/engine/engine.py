@@ -40,6 +40,8 @@ from contextlib import nullcontext as _nullcontext
 
 from ..config import ZeroConfig
 from .collectives import Collectives, CommTotals
+from .hierarchy import Hierarchy, ScaleSettings, check_settings
+from .topology import Topology
 from .flat import FlatParam, FlatState
 from .optim import (
     Piece,
@@ -93,6 +95,14 @@ class ZeroEngine:
         self.alignment = alignment
         self.stage = config.zero_optimization.stage
         self.rank, self.world_size = comm.rank, comm.world_size
+        # nodes, and MiCS / ZeRO++ groups (hierarchy.py): sharded collectives go to shard_comm
+        self.topology = Topology.from_launcher(self.world_size, self.rank, config.hf_zero.ranks_per_node)
+        comm.set_topology(self.topology)
+        scale = ScaleSettings.from_config(zo)
+        check_settings(scale, stage=self.stage, world_size=self.world_size, topology=self.topology,
+                       offload_param=zo.offload_param.enabled)
+        self.hierarchy = Hierarchy(comm, scale, self.topology)
+        self.shard_comm = self.hierarchy.shard
         if self.world_size > 1:
             install_exit_teardown()  # no SIGABRT at exit from gloo's worker threads (teardown.py)
         self.gradient_accumulation_steps = int(config.gradient_accumulation_steps)
@@ -149,7 +159,7 @@ class ZeroEngine:
         predivide = float(config.gradient_predivide_factor) if config.prescale_gradients else 1.0
         self.runtime = StageRuntime(
             self.units, comm, stage=self.stage, comm_dtype=comm_dtype, accum_dtype=accum, predivide=predivide,
-            shard_source=self.param_swap, check_unit_order=hz.check_unit_order,
+            shard_source=self.param_swap, check_unit_order=hz.check_unit_order, hierarchy=self.hierarchy,
         )
         self.runtime.on_backward_end = self.runtime.finish_backward
         self.runtime.install()
@@ -282,8 +292,8 @@ class ZeroEngine:
     def _build_units(self) -> List[Unit]:
         plan = self._flat_plan()
         sharded = self.stage == 3
-        shard_world = 1 if self.stage == 0 else self.world_size
-        shard_rank = 0 if self.stage == 0 else self.rank
+        shard_world = 1 if self.stage == 0 else self.shard_comm.world_size
+        shard_rank = 0 if self.stage == 0 else self.shard_comm.rank
         self.param_swap = self._make_param_swap(plan, shard_world) if sharded else None
         self._host_flats = self._plan_host_flats(plan, shard_world)
         # stage 3 on the CPU: gathered buffers reuse resident pages (hf_zero.engine.pool)
@@ -586,8 +596,8 @@ class ZeroEngine:
                 self._skip_step("gradient overflow (inf/NaN) in fp16")
                 return
         norm_sq = global_grad_norm_sq(self._optimized_grads(grads)).to(self.device)
-        if self.stage >= 1:
-            self.comm.all_reduce(norm_sq, op="sum", control=True)
+        if self.stage >= 1:  # over the shard group: MiCS replicas hold the same shards
+            self.shard_comm.all_reduce(norm_sq, op="sum", control=True)
         if self.skip_policy is not None and not bool(torch.isfinite(norm_sq).item()):
             self._skip_step(f"non-finite gradients (global norm {float(norm_sq.sqrt() * inv_scale)})")
             return
@@ -771,7 +781,7 @@ class ZeroEngine:
         """Stages 1-2: every rank's updated shards into the full parameters (issued together,
         then waited for, so the transfers pipeline)."""
         if self.stage in (1, 2):
-            handles = [self.comm.all_gather(f.full, f.shard, async_op=True) for f in self._trainable_flats]
+            handles = [self.shard_comm.all_gather(f.full, f.shard, async_op=True) for f in self._trainable_flats]
             for h in handles:
                 h.wait()
 
@@ -852,7 +862,7 @@ class ZeroEngine:
             if f.shard_world == 1:
                 return shard
             full = torch.empty(f.padded_numel, dtype=torch.float32, device=f.device)
-            self.comm.all_gather(full, shard)
+            self.shard_comm.all_gather(full, shard)
             return full
 
     @torch.no_grad()

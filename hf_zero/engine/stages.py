@@ -120,6 +120,8 @@ class Unit:
         self.late: Dict[int, torch.Tensor] = {}  # flat index -> gradient that came after reduction
         self.pins = 0  # open gathered_parameters contexts (and gather-once generates) holding it
         self.sticky = False  # gathered on demand in this forward: kept until backward ends
+        self.secondary: Dict[int, torch.Tensor] = {}  # hpZ: flat index -> secondary shard (hierarchy.py)
+        self.keep_secondary = False  # hpZ: the gather in flight is a training forward's
 
     @property
     def state(self) -> FlatState:
@@ -153,6 +155,7 @@ class StageRuntime:
         prefetch: bool = True,
         shard_source=None,
         check_unit_order: bool = True,
+        hierarchy=None,
     ):
         self.units = list(units)
         self.comm = comm
@@ -166,6 +169,8 @@ class StageRuntime:
         # Stage 3 with parameter offload to NVMe: shards come from here (acquire / release /
         # prefetch / read_ahead_units, see hf_zero.offload.param_swap).
         self.shard_source = shard_source
+        # MiCS / ZeRO++ (hf_zero.engine.hierarchy): sharded data collectives go through it
+        self.hierarchy = hierarchy
         self.root = next(u for u in self.units if u.is_root)
         self._slot: Dict[int, tuple] = {}
         for u in self.units:
@@ -291,7 +296,10 @@ class StageRuntime:
             self.wait(unit)
             return
         self._agree_on_unit(unit)
-        for f in unit.flats:
+        hpz = self.hierarchy is not None and self.hierarchy.hpz is not None
+        backward = self._in_backward_step or in_backward()
+        unit.keep_secondary = hpz and not backward and self._training_forward
+        for fi, f in enumerate(unit.flats):
             f.alloc_full()
             host = f.shard if self.shard_source is None else self.shard_source.acquire(f)
             # an offloaded shard comes up to the device first; the copy lives until the wait
@@ -303,7 +311,11 @@ class StageRuntime:
                     event.record()
                 unit.sourced.append((f, event))
             with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(f.full):
-                unit.handles.append(self.comm.all_gather(f.full, shard, async_op=async_op))
+                if self.hierarchy is None:
+                    unit.handles.append(self.comm.all_gather(f.full, shard, async_op=async_op))
+                else:  # hpZ: backward gathers the secondary shards inside the node
+                    secondary = unit.secondary.get(fi) if backward else None
+                    unit.handles.append(self.hierarchy.gather_params(f.full, shard, secondary, async_op))
             unit.in_flight.append(shard)
             f.state = FlatState.GATHERING
         if not async_op:
@@ -342,8 +354,11 @@ class StageRuntime:
         for f, event in unit.sourced:
             self.shard_source.release(f, event)
         unit.sourced.clear()
-        for f in unit.flats:
+        for fi, f in enumerate(unit.flats):
             f.state = FlatState.GATHERED
+            if unit.keep_secondary:
+                unit.secondary[fi] = f.full[self.hierarchy.secondary_slice(f.padded_numel)].clone()
+        unit.keep_secondary = False
 
     def read_ahead_for_forward(self) -> None:
         """After an optimizer step: start reading the root's and the first units' shards for
@@ -662,6 +677,8 @@ class StageRuntime:
             self.last_late = self._reduce_late()
             self.grad_pool.trim()
         self.release_all()
+        for u in self.units:
+            u.secondary.clear()  # hpZ: a secondary shard serves one forward's backward
         for use in self._started:
             use.started = False
             if self.retain_uses and not use.armed:  # its graph may run backward again
@@ -698,6 +715,7 @@ class StageRuntime:
         """After an optimizer step: forget uses still counted (forward outputs never
         backwarded), so they cannot hold back the next step's reductions."""
         for u in self.units:
+            u.secondary.clear()  # hpZ: the weights change at the step
             u.pending_uses = 0
             u.silent_uses = 0
             u.replaying = False
@@ -738,7 +756,10 @@ class StageRuntime:
             acc.zero_()
         unit.stale.discard(fi)  # (direct: the reduce-scatter writes all of it)
         out = acc if direct else torch.empty(f.shard_numel, dtype=full.dtype, device=full.device)
-        handle = self.comm.reduce_scatter(out, full, async_op=async_op)
+        if self.hierarchy is None:
+            handle = self.comm.reduce_scatter(out, full, async_op=async_op)
+        else:  # MiCS: inside the shard group; qgZ: quantized, node first
+            handle = self.hierarchy.reduce_scatter(out, full, async_op=async_op)
         unit.fresh.discard(fi)
         self._pending.append((handle, full, out, acc, direct, recycle))
         if not async_op or len(self._pending) > self.max_pending_reductions:
@@ -750,6 +771,8 @@ class StageRuntime:
         while len(self._pending) > keep:
             handle, full, out, acc, direct, recycle = self._pending.pop(0)
             handle.wait()
+            if self.hierarchy is not None:
+                self.hierarchy.finish_gradient(out)  # MiCS: sum over the replicas
             if recycle:
                 self.grad_pool.give(full)
             if post != 1.0:
