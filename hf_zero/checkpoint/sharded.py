@@ -28,8 +28,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .fastio import LoadedFile, read_file, write_file
 from .format import (
     FORMAT,
     INDEX,
@@ -280,10 +280,9 @@ def save_checkpoint(engine, save_dir, tag: Optional[str] = None, client_state: O
                 for name, b in _persistent_buffers(engine.module).items():
                     tensors[f"buffer.{name}"] = b
             nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-            _write_rank_file(partial / fname, tensors)
+            size, sha = _write_rank_file(partial / fname, tensors)
             del tensors
-            meta = {"file": fname, "size": (partial / fname).stat().st_size,
-                    "sha256": sha256_of(partial / fname), "rng": _python_rng(), "scalar_states": scalars}
+            meta = {"file": fname, "size": size, "sha256": sha, "rng": _python_rng(), "scalar_states": scalars}
         except OSError as exc:
             error = _disk_error(exc, partial / fname, nbytes)
         except CheckpointError as exc:
@@ -380,19 +379,19 @@ def _publish(engine, save_dir: Path, tag: str, partial: Path, final: Path, metas
         fsync_path(save_dir)
 
 
-def _write_rank_file(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
-    save_file(tensors, str(path), metadata={"format": FORMAT})
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+def _write_rank_file(path: Path, tensors: Dict[str, torch.Tensor]) -> Tuple[int, str]:
+    """Write one rank file (fsynced); returns its size and sha256, hashed as it was written."""
+    size, sha = write_file(path, tensors, metadata={"format": FORMAT})
+    return size, sha
 
 
 # ---------------------------------------------------------------------------------------- load
 class _SliceReader:
     """Reads element ranges of named 1-D tensors from the rank files, opening each file once."""
 
-    def __init__(self, index: Index):
+    def __init__(self, index: Index, loaded: Optional[Dict[int, LoadedFile]] = None):
         self.index = index
-        self._files: Dict[int, Any] = {}
+        self._files: Dict[int, Any] = dict(loaded or {})  # files read (and verified) in one pass
 
     def _file(self, rank: int):
         if rank not in self._files:
@@ -429,6 +428,45 @@ class _SliceReader:
                 raise CheckpointError(f"{self.index.directory / rank_file(rank, self.index.world_size)}: no tensor {key!r}")
             out[done : done + n].copy_(f.get_slice(key)[local : local + n])
             done += n
+
+
+def _needed_files(engine, index: Index) -> set:
+    """The rank files (by their rank) holding any element this engine's shards restore, plus
+    this rank's own file at the same world size (its RNG states)."""
+    need = set()
+    for u in engine.units:
+        for f in u.flats:
+            for s in f.segments_in_shard():
+                e = index.params[f.names[s.param_index]]
+                flat = index.flats[e.flat]
+                if s.length <= 0:
+                    continue
+                first = index.owner(flat, e.offset + s.param_start)[0]
+                last = index.owner(flat, e.offset + s.param_start + s.length - 1)[0]
+                need.update(range(first, last + 1))
+    if index.world_size == engine.world_size and rank_file(engine.rank, index.world_size) in index.files:
+        need.add(engine.rank)
+    return {r for r in need if rank_file(r, index.world_size) in index.files}
+
+
+def _read_verified(index: Index, rank: int, verify: bool) -> LoadedFile:
+    """Read rank file ``rank`` whole, its sha256 computed while it is read; CheckpointError
+    naming the file if its size or hash differs from the index."""
+    name = rank_file(rank, index.world_size)
+    path = index.directory / name
+    meta = index.files[name]
+    try:
+        data, sha = read_file(path, hash_bytes=verify)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if data.numel() != meta["size"]:
+        raise CheckpointError(f"{path}: {data.numel()} bytes on disk, the index says {meta['size']} (truncated?)")
+    if verify and sha != meta["sha256"]:
+        raise CheckpointError(f"{path}: sha256 differs from the index (the file was altered or corrupted)")
+    try:
+        return LoadedFile(path, data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({exc})") from None
 
 
 def _check_model_matches(engine, index: Index) -> None:
@@ -474,19 +512,28 @@ def load_checkpoint(engine, load_dir, tag: Optional[str] = None, load_optimizer_
         index = Index.read(directory)
         _check_model_matches(engine, index)
 
-        # Validate every file before touching any state; the work is split across ranks.
-        error = ""
+        # Read and validate before touching any state: every rank reads the files its shards
+        # need in one pass each, hashing the bytes as they arrive; a file no rank needs is
+        # hashed by one rank. Every rank learns every rank's verdict.
+        error, loaded = "", {}
         try:
-            names = sorted(index.files)
-            mine = [n for i, n in enumerate(names) if i % engine.world_size == engine.rank]
-            index.check_files(mine, verify_hash=verify)
-            index.check_files(names, verify_hash=False)  # presence and sizes: cheap, everywhere
+            index.check_files(verify_hash=False)  # presence and sizes: cheap, everywhere
+            need = _needed_files(engine, index)
+            needs = _gather_objects(engine, sorted(need))
+            wanted = {r for n in needs for r in n}
+            for r in sorted(need):
+                loaded[r] = _read_verified(index, r, verify)
+            for r in range(index.world_size):
+                name = rank_file(r, index.world_size)
+                if (verify and r not in wanted and name in index.files
+                        and r % engine.world_size == engine.rank):
+                    index.check_files([name], verify_hash=True)
         except CheckpointError as exc:
             error = str(exc)
         errors = [e for e in _gather_objects(engine, error) if e]
         if errors:
             raise CheckpointError(errors[0])
-        reader = _SliceReader(index)
+        reader = _SliceReader(index, loaded)
     return restore(engine, directory, index, reader, load_optimizer_states=load_optimizer_states,
                    load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)
 
