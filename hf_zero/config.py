@@ -727,6 +727,9 @@ class HFZeroConfig:
     exit 0 (see hf_zero.engine.preempt). Null (default): SIGTERM keeps its usual meaning.
     swap_checksums: NVMe offload keeps a checksum per swap write and verifies it on read (a swap
     file overwritten or truncated on disk fails naming the file, instead of NaN weights).
+    async_save: the default of ``save_checkpoint(async_save=...)``, and so of the Trainer's and
+    Accelerate's checkpoint saves: return once the shards are in host memory, write the files in
+    a background thread (see docs/checkpoints.md).
     """
 
     skip_non_finite_steps: bool = True
@@ -735,6 +738,7 @@ class HFZeroConfig:
     save_on_signal: str | None = None
     save_on_signal_tag: str | None = None
     swap_checksums: bool = True
+    async_save: bool = False
 
     def __post_init__(self) -> None:
         s = object.__setattr__
@@ -743,6 +747,7 @@ class HFZeroConfig:
           _int("max_consecutive_skipped_steps", self.max_consecutive_skipped_steps, minimum=0))
         s(self, "check_unit_order", _bool("check_unit_order", self.check_unit_order))
         s(self, "swap_checksums", _bool("swap_checksums", self.swap_checksums))
+        s(self, "async_save", _bool("async_save", self.async_save))
         for key in ("save_on_signal", "save_on_signal_tag"):
             value = getattr(self, key)
             if isinstance(value, os.PathLike):
