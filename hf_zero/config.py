@@ -761,6 +761,9 @@ class HFZeroConfig:
     file overwritten or truncated on disk fails naming the file, instead of NaN weights).
     ranks_per_node: the ranks of each node (consecutive ranks; null: the launcher's
     LOCAL_WORLD_SIZE); it decides which bytes count as cross-node and where ZeRO++ groups end.
+    async_save: the default of ``save_checkpoint(async_save=...)``, and so of the Trainer's and
+    Accelerate's checkpoint saves: return once the shards are in host memory, write the files in
+    a background thread (see docs/checkpoints.md).
     """
 
     skip_non_finite_steps: bool = True
@@ -770,6 +773,7 @@ class HFZeroConfig:
     save_on_signal_tag: str | None = None
     swap_checksums: bool = True
     ranks_per_node: int | None = None
+    async_save: bool = False
 
     def __post_init__(self) -> None:
         s = object.__setattr__
@@ -779,6 +783,7 @@ class HFZeroConfig:
         s(self, "check_unit_order", _bool("check_unit_order", self.check_unit_order))
         s(self, "swap_checksums", _bool("swap_checksums", self.swap_checksums))
         s(self, "ranks_per_node", _int("ranks_per_node", self.ranks_per_node, minimum=1, optional=True))
+        s(self, "async_save", _bool("async_save", self.async_save))
         for key in ("save_on_signal", "save_on_signal_tag"):
             value = getattr(self, key)
             if isinstance(value, os.PathLike):

@@ -93,6 +93,14 @@ def worker(args) -> None:
             engine.load_checkpoint(ck)
         out[f"{phase}_s"] = time.perf_counter() - t
         out[f"{phase}_rss_growth_mb"] = hwm_mb() - base
+    # asynchronous save of the same state: the time training is blocked (snapshot to host
+    # memory), then the time until the background write is published
+    engine.comm.barrier()
+    t = time.perf_counter()
+    engine.save_checkpoint(Path(args.dir) / "ckpt_async", async_save=True)
+    out["async_blocked_s"] = time.perf_counter() - t
+    engine.wait_for_checkpoint()
+    out["async_total_s"] = time.perf_counter() - t
     Path(args.dir, f"rank{rank}.json").write_text(json.dumps(out))
     engine.destroy()
 
@@ -180,6 +188,14 @@ def main() -> None:
     print(f"{'consolidate':14} {consolidate_s:7.2f} {hf_bytes / 1e9 / consolidate_s:6.2f} "
           f"{consolidate_rss - import_rss:>16.0f} (one process; anonymous memory only: "
           f"{consolidate_anon - import_anon:.0f})")
+    blocked = max(r["async_blocked_s"] for r in ranks)
+    total = max(r["async_total_s"] for r in ranks)
+    print(f"{'async blocked':14} {blocked:7.2f} {'':6} ({blocked / save:.1%} of the synchronous save)")
+    print(f"{'async total':14} {total:7.2f} {gb / total:6.2f}")
+    wr, rd = disk["write"] or float("nan"), disk["read"] or float("nan")
+    print(f"ratios: save {gb / save / wr:.2f}x dd write, load {gb / load / rd:.2f}x dd read, "
+          f"consolidate {hf_bytes / 1e9 / consolidate_s / wr:.2f}x dd write, async blocked {blocked / save:.1%}")
+    result.update(async_blocked_s=blocked, async_total_s=total)
     print(f"{'dd write':14} {'':7} {disk['write'] or float('nan'):6.2f}")
     print(f"{'dd read':14} {'':7} {disk['read'] or float('nan'):6.2f}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

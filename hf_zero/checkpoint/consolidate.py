@@ -11,7 +11,10 @@ Note:
     * Tied weights of a ``PreTrainedModel`` are written once, under the name ``save_pretrained``
       keeps, so ``from_pretrained`` re-ties them; any other module gets every name its own
       ``state_dict()`` holds (``load_state_dict(strict=True)`` works).
-    * ``consolidate`` verifies the rank files' sizes and sha256 first, as ``load_checkpoint``.
+    * ``consolidate`` checks the rank files' sizes first and their sha256 in a thread while the
+      export is written (one read of the inputs, overlapped with the writes); a mismatch raises
+      before any output file is renamed into place, and the temporary shards are removed.
+    * Shards are written by ``fastio.write_file``: straight from the tensors' memory, fsynced.
     * Weight files of an earlier export in the same directory that this one does not overwrite
       (``model.safetensors``, ``model-*-of-*.safetensors``, the index) are removed; no other file
       is touched. A failed write (disk full) names the file, directory and bytes, and removes
@@ -27,12 +30,13 @@ import math
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
-from safetensors.torch import save_file
 
+from .fastio import write_file
 from .format import INDEX, CheckpointError, Index, resolve_tag
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -89,8 +93,8 @@ class HFShardWriter:
             return
         tmp = f".part-{len(self.shards):05d}.safetensors"
         try:
-            save_file(self.current, str(self.out_dir / tmp), metadata={"format": "pt"})
-        except Exception as exc:  # noqa: BLE001 - safetensors reports I/O errors as its own type
+            write_file(self.out_dir / tmp, self.current, metadata={"format": "pt"}, hash_bytes=False)
+        except Exception as exc:  # noqa: BLE001 - any I/O error of the write
             from .sharded import _as_os_error, _disk_error
 
             err = exc if isinstance(exc, OSError) else _as_os_error(exc)
@@ -106,6 +110,10 @@ class HFShardWriter:
         for tmp, _ in self.shards:
             (self.out_dir / tmp).unlink(missing_ok=True)
         self.shards, self.current, self.current_bytes = [], {}, 0
+
+    def flush(self) -> None:
+        """Write the shard being assembled (``close`` then only renames)."""
+        self._flush()
 
     def close(self) -> List[str]:
         self._flush()
@@ -163,6 +171,31 @@ def _read_param(index: Index, reader, name: str) -> torch.Tensor:
     return out.view(entry.shape)
 
 
+class _BackgroundCheck:
+    """The sha256 of every rank file, computed in a thread while the export is written (hashing
+    and file I/O release the GIL); ``result()`` re-raises its CheckpointError."""
+
+    def __init__(self, index: Optional[Index]):
+        self._error: Optional[BaseException] = None
+        self._thread = None
+        if index is not None:
+            self._thread = threading.Thread(target=self._run, args=(index,), name="hf_zero-verify", daemon=True)
+            self._thread.start()
+
+    def _run(self, index: Index) -> None:
+        try:
+            index.check_files(verify_hash=True)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self._error = exc
+
+    def result(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+
+
 def consolidate(checkpoint_dir, out_dir, *, tag: Optional[str] = None, dtype=None, max_shard_size="5GB",
                 progress: bool = True, verify: bool = True) -> List[str]:
     """Write the HF safetensors of a sharded checkpoint into ``out_dir``; returns the file names.
@@ -180,7 +213,7 @@ def consolidate(checkpoint_dir, out_dir, *, tag: Optional[str] = None, dtype=Non
     else:
         directory = resolve_tag(Path(checkpoint_dir), tag)
         index = Index.read(directory)
-        index.check_files(verify_hash=verify)
+        index.check_files(verify_hash=False)  # presence and sizes now; sha256 alongside the export
         reader = _SliceReader(index)
     out_dtype = parse_dtype(dtype) or name_dtype(index.data["compute_dtype"])
     out_dir = Path(out_dir)
@@ -190,6 +223,7 @@ def consolidate(checkpoint_dir, out_dir, *, tag: Optional[str] = None, dtype=Non
     bar = _progress(total, "consolidate", progress)
     writer = HFShardWriter(out_dir, max_shard_size, bar)
     all_aliases = bool(index.data.get("export_all_aliases", False))
+    check = _BackgroundCheck(index if verify and deepspeed is None else None)
     try:
         for name in index.params:
             entry = index.params[name]
@@ -198,6 +232,8 @@ def consolidate(checkpoint_dir, out_dir, *, tag: Optional[str] = None, dtype=Non
                 writer.add(export, value if k == 0 else value.clone())
         for name in index.data.get("buffers", []):
             writer.add(name, reader.buffer(name))
+        writer.flush()
+        check.result()  # a corrupt rank file raises here: nothing has been renamed into place yet
         files = writer.close()
     except BaseException:
         writer.abort()

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .detect import describe, detect
-from .format import FORMAT, INDEX, LATEST, CheckpointError, fsync_path, rank_file, sha256_of, write_json_atomic
+from .format import FORMAT, INDEX, LATEST, CheckpointError, fsync_path, rank_file, write_json_atomic
 
 
 def convert(ds_dir, out_dir, *, tag: Optional[str] = None, ranks: Optional[int] = None) -> Path:
@@ -92,9 +92,9 @@ def convert(ds_dir, out_dir, *, tag: Optional[str] = None, ranks: Optional[int] 
                 for bname, b in ck.buffers().items():
                     tensors[f"buffer.{bname}"] = b.detach().clone().contiguous()
             fname = rank_file(r, world)
-            _write_rank_file(partial / fname, tensors)
+            size, sha = _write_rank_file(partial / fname, tensors)
             del tensors
-            files[fname] = {"size": (partial / fname).stat().st_size, "sha256": sha256_of(partial / fname)}
+            files[fname] = {"size": size, "sha256": sha}
         ds_sched = ck.model_states.get("lr_scheduler")
         data = view.data
         index = {

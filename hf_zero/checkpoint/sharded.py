@@ -28,8 +28,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .fastio import LoadedFile, read_file, write_file
 from .format import (
     FORMAT,
     INDEX,
@@ -113,9 +113,20 @@ def _export_names(module: torch.nn.Module) -> Dict[int, Tuple[str, List[str]]]:
 
 
 # ---------------------------------------------------------------------------------------- save
-def _rank_tensors(engine) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, float]]]:
+def _to_host(t: torch.Tensor, snapshot: bool, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``t`` on the CPU, contiguous; with ``snapshot`` never sharing memory with ``t`` (so later
+    training cannot change what a background write sends to disk)."""
+    src = t.detach()
+    out = src.to(device="cpu", dtype=dtype or src.dtype).contiguous()
+    if snapshot and out.numel() and out.data_ptr() == src.data_ptr():
+        out = out.clone()
+    return out
+
+
+def _rank_tensors(engine, snapshot: bool = False) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, float]]]:
     """This rank's tensors (master, element-wise optimizer states, frozen params, RNG), and per
-    param group the optimizer's 0-d states (e.g. Adam's ``step``) seen on this rank."""
+    param group the optimizer's 0-d states (e.g. Adam's ``step``) seen on this rank.
+    ``snapshot``: every tensor is a copy (the asynchronous save writes it later)."""
     out: Dict[str, torch.Tensor] = {}
     scalars: List[Dict[str, float]] = [{} for _ in engine.optimizer.param_groups]
     pieces_by_flat: Dict[int, list] = {}
@@ -128,10 +139,10 @@ def _rank_tensors(engine) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, float
             if engine.rank >= f.shard_world:
                 continue  # stage 0: rank 0's copy is the checkpoint; MiCS: shard group 0's
             if not f.trainable:
-                out[f"{key}.param"] = engine.read_shard(f).detach().cpu().contiguous()
+                out[f"{key}.param"] = _to_host(engine.read_shard(f), snapshot)
                 continue
             with engine.resident(f):
-                out[f"{key}.master"] = f.master.detach().float().cpu().contiguous()
+                out[f"{key}.master"] = _to_host(f.master, snapshot, torch.float32)
                 for piece in pieces_by_flat.get(trainable_index[id(f)], []):
                     for skey, value in engine.optimizer.state.get(piece.param, {}).items():
                         if not torch.is_tensor(value) or value.dim() == 0:
@@ -242,14 +253,21 @@ def _disk_error(exc: OSError, path: Path, nbytes: int) -> str:
 
 
 def save_checkpoint(engine, save_dir, tag: Optional[str] = None, client_state: Optional[dict] = None,
-                    save_latest: bool = True) -> Path:
+                    save_latest: bool = True, async_save: bool = False) -> Path:
     """Collective: write this engine's state as ``<save_dir>/<tag>`` and point ``latest`` at it.
 
     Ranks agree on the tag first and on the outcome of every write before anything is published:
     a write that fails on any rank (disk full, permissions) raises a :class:`CheckpointError`
     naming that rank and file on every rank, removes the partial directory and leaves the
     previous checkpoint and ``latest`` as they were.
+
+    ``async_save``: return once this rank's shards are copied to host memory; the files are
+    written, and the checkpoint published, by a background thread (see ``async_save.py``).
+    A save waits for the previous asynchronous one first (and raises its failure, if any).
     """
+    from .async_save import AsyncSave, finish_pending
+
+    finish_pending(engine)  # collective: the previous background save is complete (or raised)
     save_dir = Path(save_dir)
     tag = tag or f"global_step{engine.global_steps}"
     _agree_tag(engine, tag)
@@ -270,34 +288,39 @@ def save_checkpoint(engine, save_dir, tag: Optional[str] = None, client_state: O
     _agree(engine, error, f"creating {partial}")
 
     try:
-        # 1. every rank writes its own file; whatever fails locally becomes an agreed error
+        # 1. every rank takes its tensors (a snapshot when asynchronous) and, synchronously,
+        #    writes its own file; whatever fails locally becomes an agreed error
         meta, error, fname = None, "", rank_file(engine.rank, engine.world_size)
-        nbytes = 0
+        nbytes, tensors = 0, None
         try:
             engine.flush_pending_update()
-            tensors, scalars = _rank_tensors(engine)
+            tensors, scalars = _rank_tensors(engine, snapshot=async_save)
             if engine.rank == 0:
                 for name, b in _persistent_buffers(engine.module).items():
-                    tensors[f"buffer.{name}"] = b
+                    tensors[f"buffer.{name}"] = b.clone() if async_save else b
             nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-            _write_rank_file(partial / fname, tensors)
-            del tensors
-            meta = {"file": fname, "size": (partial / fname).stat().st_size,
-                    "sha256": sha256_of(partial / fname), "rng": _python_rng(), "scalar_states": scalars}
+            meta = {"file": fname, "rng": _python_rng(), "scalar_states": scalars}
+            if not async_save:
+                meta["size"], meta["sha256"] = _write_rank_file(partial / fname, tensors)
+                tensors = None
         except OSError as exc:
             error = _disk_error(exc, partial / fname, nbytes)
         except CheckpointError as exc:
             error = str(exc)
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for I/O
+        except Exception as exc:  # noqa: BLE001 - any I/O error of the write
             error = _disk_error(_as_os_error(exc), partial / fname, nbytes)
         _agree(engine, error, f"saving checkpoint {final}")
         metas = _gather_objects(engine, meta)
 
-        # 2. rank 0 writes the index, then publishes the directory
-        error = ""
+        # 2. rank 0 writes the index, then publishes the directory (asynchronous: the index is
+        #    built now, from the state at this step, and written once every rank file is complete)
+        error, index = "", None
         if engine.rank == 0:
             try:
-                _publish(engine, save_dir, tag, partial, final, metas, client_json, save_latest)
+                index = _index_data(engine, metas, client_json)
+                _write_model_config(engine, partial)
+                if not async_save:
+                    _publish(save_dir, tag, partial, final, index, save_latest)
             except OSError as exc:
                 error = _disk_error(exc, Path(exc.filename) if exc.filename else partial / INDEX, 0)
         _agree(engine, error, f"publishing checkpoint {final}")
@@ -306,6 +329,10 @@ def save_checkpoint(engine, save_dir, tag: Optional[str] = None, client_state: O
             shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
         engine.comm.barrier()
         raise
+    if async_save:
+        engine._pending_save = AsyncSave.start(
+            rank=engine.rank, world_size=engine.world_size, save_dir=save_dir, tag=tag, partial=partial,
+            final=final, file_name=fname, tensors=tensors, index=index, save_latest=save_latest, nbytes=nbytes)
     return final
 
 
@@ -318,12 +345,12 @@ def _as_os_error(exc: Exception) -> OSError:
     return OSError(None, f"{type(exc).__name__}: {text}")
 
 
-def _publish(engine, save_dir: Path, tag: str, partial: Path, final: Path, metas: list, client_json,
-             save_latest: bool) -> None:
-    """Rank 0: write the index into ``partial``, rename it to ``final``, move ``latest``."""
+def _index_data(engine, metas: list, client_json) -> dict:
+    """The index of a checkpoint of ``engine``'s current state; ``metas`` hold every rank's file
+    name, RNG and scalar states, and (once written) its size and sha256."""
     flats, params = _layout(engine)
     sched = engine.lr_scheduler
-    index = {
+    return {
         "format": FORMAT,
         "stage": engine.stage,
         "world_size": engine.world_size,
@@ -335,7 +362,7 @@ def _publish(engine, save_dir: Path, tag: str, partial: Path, final: Path, metas
         "flats": flats,
         "params": params,
         "buffers": sorted(_persistent_buffers(engine.module)),
-        "files": {m["file"]: {"size": m["size"], "sha256": m["sha256"]} for m in metas},
+        "files": {m["file"]: {"size": m["size"], "sha256": m["sha256"]} for m in metas if "size" in m},
         "rng": [m["rng"] for m in metas],
         "optimizer": {
             "class": type(engine.optimizer).__name__,
@@ -355,9 +382,16 @@ def _publish(engine, save_dir: Path, tag: str, partial: Path, final: Path, metas
         "client_state": client_json,
         "zero_config": engine.config.to_dict(),
     }
+
+
+def _write_model_config(engine, partial: Path) -> None:
     config = getattr(engine.module, "config", None)
     if config is not None and hasattr(config, "to_json_file"):
         config.to_json_file(str(partial / "config.json"))
+
+
+def _publish(save_dir: Path, tag: str, partial: Path, final: Path, index: dict, save_latest: bool) -> None:
+    """Rank 0: write the index into ``partial``, rename it to ``final``, move ``latest``."""
     write_json_atomic(partial / INDEX, index)
     fsync_path(partial)
     old = save_dir / f".old-{tag}"
@@ -380,19 +414,19 @@ def _publish(engine, save_dir: Path, tag: str, partial: Path, final: Path, metas
         fsync_path(save_dir)
 
 
-def _write_rank_file(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
-    save_file(tensors, str(path), metadata={"format": FORMAT})
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+def _write_rank_file(path: Path, tensors: Dict[str, torch.Tensor]) -> Tuple[int, str]:
+    """Write one rank file (fsynced); returns its size and sha256, hashed as it was written."""
+    size, sha = write_file(path, tensors, metadata={"format": FORMAT})
+    return size, sha
 
 
 # ---------------------------------------------------------------------------------------- load
 class _SliceReader:
     """Reads element ranges of named 1-D tensors from the rank files, opening each file once."""
 
-    def __init__(self, index: Index):
+    def __init__(self, index: Index, loaded: Optional[Dict[int, LoadedFile]] = None):
         self.index = index
-        self._files: Dict[int, Any] = {}
+        self._files: Dict[int, Any] = dict(loaded or {})  # files read (and verified) in one pass
 
     def _file(self, rank: int):
         if rank not in self._files:
@@ -431,6 +465,45 @@ class _SliceReader:
             done += n
 
 
+def _needed_files(engine, index: Index) -> set:
+    """The rank files (by their rank) holding any element this engine's shards restore, plus
+    this rank's own file at the same world size (its RNG states)."""
+    need = set()
+    for u in engine.units:
+        for f in u.flats:
+            for s in f.segments_in_shard():
+                e = index.params[f.names[s.param_index]]
+                flat = index.flats[e.flat]
+                if s.length <= 0:
+                    continue
+                first = index.owner(flat, e.offset + s.param_start)[0]
+                last = index.owner(flat, e.offset + s.param_start + s.length - 1)[0]
+                need.update(range(first, last + 1))
+    if index.world_size == engine.world_size and rank_file(engine.rank, index.world_size) in index.files:
+        need.add(engine.rank)
+    return {r for r in need if rank_file(r, index.world_size) in index.files}
+
+
+def _read_verified(index: Index, rank: int, verify: bool) -> LoadedFile:
+    """Read rank file ``rank`` whole, its sha256 computed while it is read; CheckpointError
+    naming the file if its size or hash differs from the index."""
+    name = rank_file(rank, index.world_size)
+    path = index.directory / name
+    meta = index.files[name]
+    try:
+        data, sha = read_file(path, hash_bytes=verify)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if data.numel() != meta["size"]:
+        raise CheckpointError(f"{path}: {data.numel()} bytes on disk, the index says {meta['size']} (truncated?)")
+    if verify and sha != meta["sha256"]:
+        raise CheckpointError(f"{path}: sha256 differs from the index (the file was altered or corrupted)")
+    try:
+        return LoadedFile(path, data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({exc})") from None
+
+
 def _check_model_matches(engine, index: Index) -> None:
     ours = {}
     for u in engine.units:
@@ -462,7 +535,10 @@ def load_checkpoint(engine, load_dir, tag: Optional[str] = None, load_optimizer_
     """
     if load_module_only:
         load_optimizer_states = load_lr_scheduler_states = False
+    from .async_save import finish_pending
     from .deepspeed_format import DeepSpeedIndex, DeepSpeedReader, open_deepspeed
+
+    finish_pending(engine)  # a checkpoint still being written in the background is published first
 
     deepspeed = open_deepspeed(Path(load_dir), tag)  # a DeepSpeed checkpoint is read in place
     if deepspeed is not None:
@@ -474,19 +550,28 @@ def load_checkpoint(engine, load_dir, tag: Optional[str] = None, load_optimizer_
         index = Index.read(directory)
         _check_model_matches(engine, index)
 
-        # Validate every file before touching any state; the work is split across ranks.
-        error = ""
+        # Read and validate before touching any state: every rank reads the files its shards
+        # need in one pass each, hashing the bytes as they arrive; a file no rank needs is
+        # hashed by one rank. Every rank learns every rank's verdict.
+        error, loaded = "", {}
         try:
-            names = sorted(index.files)
-            mine = [n for i, n in enumerate(names) if i % engine.world_size == engine.rank]
-            index.check_files(mine, verify_hash=verify)
-            index.check_files(names, verify_hash=False)  # presence and sizes: cheap, everywhere
+            index.check_files(verify_hash=False)  # presence and sizes: cheap, everywhere
+            need = _needed_files(engine, index)
+            needs = _gather_objects(engine, sorted(need))
+            wanted = {r for n in needs for r in n}
+            for r in sorted(need):
+                loaded[r] = _read_verified(index, r, verify)
+            for r in range(index.world_size):
+                name = rank_file(r, index.world_size)
+                if (verify and r not in wanted and name in index.files
+                        and r % engine.world_size == engine.rank):
+                    index.check_files([name], verify_hash=True)
         except CheckpointError as exc:
             error = str(exc)
         errors = [e for e in _gather_objects(engine, error) if e]
         if errors:
             raise CheckpointError(errors[0])
-        reader = _SliceReader(index)
+        reader = _SliceReader(index, loaded)
     return restore(engine, directory, index, reader, load_optimizer_states=load_optimizer_states,
                    load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)
 

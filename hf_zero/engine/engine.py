@@ -114,6 +114,7 @@ class ZeroEngine:
         self.training_dataloader = None  # set by initialize(training_data=...); checkpoints seek it
         self.skipped_steps = 0
         self._last_grad_norm: Optional[torch.Tensor] = None
+        self._pending_save = None  # an asynchronous checkpoint save in flight (checkpoint/async_save.py)
         self._last_comm = CommTotals()
 
         self._diverged_at_start: List[str] = []  # names of params whose values differed from rank 0's
@@ -518,6 +519,10 @@ class ZeroEngine:
     def step(self) -> None:
         """Count a micro-step; at the accumulation boundary, update the weights."""
         self._require_optimizer("step")
+        if self._pending_save is not None:  # a background checkpoint write that failed raises here
+            from ..checkpoint.async_save import raise_if_failed
+
+            raise_if_failed(self)
         boundary = self.is_gradient_accumulation_boundary()
         self.micro_steps += 1
         if boundary:
@@ -528,6 +533,10 @@ class ZeroEngine:
         """Update the weights now from the gradients accumulated so far, whatever the micro-step
         counter says (for integrations that track accumulation themselves, as Accelerate does)."""
         self._require_optimizer("apply_update")
+        if self._pending_save is not None:
+            from ..checkpoint.async_save import raise_if_failed
+
+            raise_if_failed(self)
         self._optimizer_step()
         self._stop_if_preempted()
 
@@ -883,11 +892,23 @@ class ZeroEngine:
         return out
 
     # ------------------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest: bool = True):
-        """Collective: atomic sharded checkpoint ``<save_dir>/<tag>`` (see hf_zero.checkpoint)."""
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest: bool = True,
+                        async_save: Optional[bool] = None):
+        """Collective: atomic sharded checkpoint ``<save_dir>/<tag>`` (see hf_zero.checkpoint).
+        ``async_save`` (default: the config's ``hf_zero.async_save``): return once the shards are
+        in host memory; a background thread writes and publishes them."""
         from ..checkpoint.sharded import save_checkpoint
 
-        return save_checkpoint(self, save_dir, tag=tag, client_state=client_state, save_latest=save_latest)
+        if async_save is None:
+            async_save = self.config.hf_zero.async_save
+        return save_checkpoint(self, save_dir, tag=tag, client_state=client_state, save_latest=save_latest,
+                               async_save=bool(async_save))
+
+    def wait_for_checkpoint(self) -> None:
+        """Collective: wait until a pending asynchronous save is published (raises its failure)."""
+        from ..checkpoint.async_save import finish_pending
+
+        finish_pending(self)
 
     def load_checkpoint(self, load_dir, tag=None, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True, load_module_only: bool = False):
@@ -908,7 +929,7 @@ class ZeroEngine:
 
     def destroy(self) -> None:
         """Remove the engine's hooks and release offload resources (swap files); the parameters
-        stay views of the flat buffers."""
+        stay views of the flat buffers. A pending asynchronous save is waited for (and its failure raised) last."""
         if self._preempt is not None:
             self._preempt.close()
             self._preempt = None
@@ -918,3 +939,7 @@ class ZeroEngine:
             self.host.close()
         if self.param_swap is not None:
             self.param_swap.close()
+        if self._pending_save is not None:  # the snapshot does not need the engine: wait last
+            from ..checkpoint.async_save import wait_pending
+
+            wait_pending(self)

@@ -80,7 +80,7 @@ class PreemptionGuard:
         if self.rank == 0:
             _LOG.warning("hf_zero: %s received: saving a checkpoint after step %d to %s and exiting",
                          why, engine.global_steps, self.save_dir)
-        path = engine.save_checkpoint(self.save_dir, tag=self.tag)
+        path = engine.save_checkpoint(self.save_dir, tag=self.tag, async_save=False)  # complete before exit 0
         if self.rank == 0:
             _LOG.warning("hf_zero: checkpoint saved to %s; exiting with code 0", path)
         self.close()

@@ -1,0 +1,115 @@
+"""Launched-process scenarios for the asynchronous checkpoint save (tests/test_async_save.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+import hf_zero.checkpoint.sharded as sharded
+from checkpoint_scenarios import GLOBAL_BATCH, engine_for, global_batch
+from hf_zero.initialize import init_distributed
+
+
+def _train(engine, start: int, stop: int, rank: int, world: int) -> list:
+    per = GLOBAL_BATCH // world
+    losses = []
+    for step in range(start, stop):
+        ids = global_batch(step)[rank * per : (rank + 1) * per]
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        t = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(t)
+        losses.append(t.item() / world)
+    return losses
+
+
+def _slow_writes(delay: float) -> None:
+    """Every rank file is written ``delay`` seconds late: training runs while the write is due."""
+    real = sharded._write_rank_file
+
+    def slow(path, tensors):
+        time.sleep(delay)
+        return real(path, tensors)
+
+    sharded._write_rank_file = slow
+
+
+def compare(payload, out_dir: Path):
+    """The same state saved synchronously into ``sync`` and asynchronously into ``async``, at
+    steps 2 and 4; training (steps 2-4) runs while the first background write is pending."""
+    rank, world = init_distributed()
+    engine = engine_for(payload, world)
+    sync, asyn = Path(payload["sync"]), Path(payload["async"])
+    losses = _train(engine, 0, 2, rank, world)
+    engine.save_checkpoint(sync, tag="t2")
+    _slow_writes(payload["delay"])
+    t = time.perf_counter()
+    engine.save_checkpoint(asyn, tag="t2", async_save=True)
+    blocked = time.perf_counter() - t
+    published_early = (asyn / "latest").exists() or (asyn / "t2").exists()
+    losses += _train(engine, 2, 4, rank, world)  # changes the master and the states in place
+    engine.save_checkpoint(asyn, tag="t4", async_save=True)  # waits for t2 first
+    engine.wait_for_checkpoint()
+    engine.save_checkpoint(sync, tag="t4")
+    engine.destroy()
+    return {"losses": losses, "blocked": blocked, "published_early": published_early}
+
+
+def crash(payload, out_dir: Path):
+    """Save ``t2`` asynchronously (completed), train, start saving ``t3`` asynchronously and
+    SIGKILL rank ``kill_rank`` right after its rank file is written, while it trains on."""
+    rank, world = init_distributed()
+    engine = engine_for(payload, world)
+    save = Path(payload["save"])
+    _train(engine, 0, 2, rank, world)
+    engine.save_checkpoint(save, async_save=True)
+    engine.wait_for_checkpoint()
+    _train(engine, 2, 3, rank, world)
+    if rank == payload["kill_rank"]:
+        real = sharded._write_rank_file
+
+        def write_then_die(path, tensors):
+            real(path, tensors)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        sharded._write_rank_file = write_then_die
+    engine.save_checkpoint(save, async_save=True)
+    _train(engine, 3, 5, rank, world)
+    engine.wait_for_checkpoint()
+    return {"survived": True}
+
+
+def failure(payload, out_dir: Path):
+    """A background write that fails (ENOSPC) on ``fail_rank``: the next save raises it on every
+    rank and cleans up; the previous checkpoint stays ``latest``; a save after that works."""
+    import errno
+
+    rank, world = init_distributed()
+    engine = engine_for(payload, world)
+    save = Path(payload["save"])
+    _train(engine, 0, 1, rank, world)
+    engine.save_checkpoint(save, tag="good")
+    real = sharded._write_rank_file
+    if rank == payload["fail_rank"]:
+        def full_disk(path, tensors):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+        sharded._write_rank_file = full_disk
+    engine.save_checkpoint(save, tag="bad", async_save=True)
+    engine._pending_save.thread.join()  # the failure has happened on every rank's thread
+    sharded._write_rank_file = real
+    at_save = None
+    try:
+        engine.save_checkpoint(save, tag="next")
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        at_save = f"{type(exc).__name__}: {exc}"
+    after = {"latest": (save / "latest").read_text(), "entries": sorted(p.name for p in save.iterdir())}
+    _train(engine, 1, 2, rank, world)
+    engine.save_checkpoint(save, tag="next")
+    return {"at_save": at_save, **after, "latest_final": (save / "latest").read_text()}
