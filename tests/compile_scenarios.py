@@ -127,3 +127,54 @@ def unsharded_run(opt_kind: str, world: int, backend=None, steps: int = 3, clip:
     counters = compile_counters()
     reset_compile()
     return model, losses, counters
+
+
+# ---------------------------------------------------------------------------------- Trainer
+def trainer_compile(payload, out_dir: Path):
+    """``ZeroTrainer`` with ``torch_compile=True`` (the Trainer hands the model to Accelerate,
+    which compiles it in ``prepare``); rank 0 writes the final weights."""
+    from safetensors.torch import save_file
+
+    import hf_zero
+    import integration_scenarios as S
+
+    out = {}
+    for case in payload["cases"]:
+        reset_compile()
+        name = case["name"]
+        extra = {}
+        if case.get("backend"):
+            extra = dict(torch_compile=True, torch_compile_backend=case["backend"])
+        args = hf_zero.ZeroTrainingArguments(zero_config=S.zero_cfg(case["stage"]),
+                                             **S.trainer_kwargs(out_dir / name, 2, **extra))
+        trainer = S.sequential(hf_zero.ZeroTrainer)(model=build("llama"), args=args,
+                                                    train_dataset=S.trainer_dataset())
+        trainer.train()
+        engine = trainer.zero_engine
+        sd = engine.full_state_dict()
+        if engine.rank == 0:
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(out_dir / f"{name}.safetensors"))
+        out[name] = {"losses": S.logged_losses(trainer), "stage": engine.stage, "is_compiled": engine.is_compiled,
+                     "grad_norms": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h],
+                     "counters": compile_counters(), "keys": sorted(sd)}
+        trainer.accelerator.free_memory()
+    reset_compile()
+    return out
+
+
+def plain_trainer(out_dir: Path, backend=None):
+    """The one-process reference: a stock ``transformers.Trainer`` with the same global batch,
+    eager or with ``torch_compile=True``; returns (model, losses, grad norms)."""
+    from transformers import Trainer, TrainingArguments
+
+    import integration_scenarios as S
+
+    reset_compile()
+    extra = dict(torch_compile=True, torch_compile_backend=backend) if backend else {}
+    model = build("llama")
+    trainer = S.sequential(Trainer)(model=model, train_dataset=S.trainer_dataset(),
+                                    args=TrainingArguments(**S.trainer_kwargs(out_dir, 4, **extra)))
+    trainer.train()
+    norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    reset_compile()
+    return model, S.logged_losses(trainer), norms

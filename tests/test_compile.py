@@ -131,3 +131,78 @@ def test_inductor_stage3_matches_eager_engine(tmp_path):
     res = results[0][C.case_name(INDUCTOR[0])]
     assert not [k for k in res["last"]["reasons"] if C.HOOK_REASON not in k]
     assert res["last"] == res["first"]
+
+
+# ---------------------------------------------------------------------------------- Trainer
+TRAINER_CASES = [dict(name="stage2-compiled", stage=2, backend="aot_eager"),
+                 dict(name="stage3-compiled", stage=3, backend="aot_eager"),
+                 dict(name="stage3-eager", stage=3)]
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trainer_compile")
+    return out, launch(WORLD, "compile_scenarios:trainer_compile", {"cases": TRAINER_CASES}, out, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def trainer_reference(tmp_path_factory):
+    return C.plain_trainer(tmp_path_factory.mktemp("ref_eager")), \
+        C.plain_trainer(tmp_path_factory.mktemp("ref_compiled"), "aot_eager")
+
+
+def test_plain_trainer_compile_noise_floor(trainer_reference):
+    """aot_eager changes nothing in the stock Trainer's one-process run: the premise below."""
+    (eager, losses, norms), (compiled, c_losses, c_norms) = trainer_reference
+    assert c_losses == losses and c_norms == norms
+    for (k, a), b in zip(compiled.state_dict().items(), eager.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("case", TRAINER_CASES[:2], ids=lambda c: c["name"])
+def test_zero_trainer_torch_compile_matches_eager(trainer_run, trainer_reference, case):
+    """``torch_compile=True``: bit-identical to the eager ZeroTrainer at stage 3, and within
+    tests/test_trainer.py's tolerances of the stock eager Trainer on one process."""
+    out, results = trainer_run
+    (ref_model, ref_losses, ref_norms), _ = trainer_reference
+    got = _weights_named(out, case["name"])
+    for r in range(WORLD):
+        res = results[r][case["name"]]
+        assert res["is_compiled"] and res["stage"] == case["stage"]
+        assert res["losses"] == pytest.approx(ref_losses, abs=1e-5)
+        assert res["grad_norms"] == pytest.approx(ref_norms, rel=1e-5)
+        assert res["counters"]["graphs"] >= 2
+        assert not [k for k in res["counters"]["reasons"] if C.HOOK_REASON not in k]
+    for k, v in ref_model.state_dict().items():
+        torch.testing.assert_close(got[k], v, atol=2e-4, rtol=0, msg=lambda m: f"{k}: {m}")
+    if case["stage"] == 3:
+        eager = _weights_named(out, "stage3-eager")
+        assert all(torch.equal(got[k], eager[k]) for k in eager)
+        assert results[0][case["name"]]["losses"] == results[0]["stage3-eager"]["losses"]
+    assert not results[0]["stage3-eager"]["is_compiled"]
+
+
+def _weights_named(out, name):
+    return load_file(str(out / f"{name}.safetensors"))
+
+
+@pytest.mark.slow
+def test_stock_trainer_deepspeed_argument_torch_compile_stage3(tmp_path):
+    """The bootstrap path: the stock Trainer script of tests/bootstrap_scripts.py under
+    ``torchrun -m hf_zero.run train.py --deepspeed '<stage 3>' --torch_compile``. The run logs its
+    graph breaks (TORCH_LOGS=graph_breaks): hf_zero's hooks are among them, so the model did run
+    compiled; losses match the stock eager Trainer on one process (1e-5)."""
+    import json
+
+    import bootstrap_scripts as B
+    import integration_scenarios as S
+    from test_bootstrap import STEPS, TRAIN_ARGS, _check_trainer_run, _env, _launcher, _plain_trainer, _run, _steps
+
+    reference = _plain_trainer(tmp_path / "ref", STEPS)
+    (tmp_path / "train.py").write_text(B.TRAINER)
+    out = tmp_path / "out"
+    cmd = [*_launcher("torchrun"), "train.py", "--output_dir", out, "--deepspeed", json.dumps(S.zero_cfg(3)),
+           "--torch_compile", "--torch_compile_backend", "aot_eager", *TRAIN_ARGS, *_steps(STEPS)]
+    p = _run(cmd, _env(TORCH_LOGS="graph_breaks"), tmp_path)
+    _check_trainer_run(p, out, reference, 3, STEPS)
+    assert C.HOOK_REASON in p.stdout + p.stderr
