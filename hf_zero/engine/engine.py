@@ -24,6 +24,9 @@ Note:
     * Every parameter knows its place (``_hf_zero_access``, see :mod:`hf_zero.engine.access`);
       at stage 3 its class is ``ShardedParameter``, so using it while sharded raises a clear
       error instead of reading freed memory.
+    * torch.compile: a model compiled before :func:`hf_zero.initialize` (``torch.compile(model)``)
+      is unwrapped: ``engine.module`` is the model itself (its own parameter names and hooks) and
+      the engine's forward calls the compiled wrapper. :meth:`ZeroEngine.compile` compiles in place.
 """
 
 from __future__ import annotations
@@ -60,6 +63,15 @@ from .units import build_units, find_layer_modules
 
 _LOG = logging.getLogger("hf_zero")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def split_compiled(model: nn.Module):
+    """``(module, compiled)``: for a ``torch.compile(model)`` wrapper (``OptimizedModule``) the
+    model inside it and the wrapper, else ``(model, None)``."""
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        return inner, model
+    return model, None
 
 
 class ZeroEngine:
@@ -118,6 +130,9 @@ class ZeroEngine:
         self._last_comm = CommTotals()
 
         self._diverged_at_start: List[str] = []  # names of params whose values differed from rank 0's
+        # torch.compile(model) before initialize: the engine works on the model itself (its own
+        # parameter names, hooks on its modules) and calls go through the compiled wrapper
+        model, self._compiled = split_compiled(model)
         self.module = self._place(model, device)
         self._sync_buffers()
         if self.inference_only:
@@ -441,9 +456,22 @@ class ZeroEngine:
 
     # ------------------------------------------------------------------------------ loop
     def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        return (self.module if self._compiled is None else self._compiled)(*args, **kwargs)
 
     forward = __call__
+
+    def compile(self, backend: Any = "inductor", compile_kwargs: Optional[Dict[str, Any]] = None, **kwargs) -> None:
+        """``torch.compile`` the model in place (``nn.Module.compile``), as DeepSpeed's
+        ``engine.compile(backend=..., compile_kwargs=...)``: every later forward, through the
+        engine or the model, runs compiled. The engine's hooks run eagerly between the graphs
+        (one graph break on each side of a unit; see docs/engine.md, "torch.compile")."""
+        self.module.compile(backend=backend, **{**(compile_kwargs or {}), **kwargs})
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether forwards run through ``torch.compile`` (``compile()``, or a model compiled
+        before :func:`hf_zero.initialize`)."""
+        return self._compiled is not None or getattr(self.module, "_compiled_call_impl", None) is not None
 
     def generate(self, *args, gather: str = "auto", **kwargs):
         """``self.module.generate(...)``. At stage 3, ``gather`` picks how parameters arrive:

@@ -56,6 +56,10 @@ Note:
       the unit is released, so the caller never holds freed storage.
     * Pins: a unit with ``pins > 0`` (inside ``hf_zero.gathered_parameters`` or a gather-once
       ``generate``) is never released; the context that pinned it releases it afterwards.
+    * torch.compile: the forward pre/post hooks are ``torch._dynamo.disable``-d (:func:`_eager`),
+      so in a compiled model they run as plain Python between graphs (a graph break on each side
+      of a unit, as FSDP2's hooks); tensor and accumulate-grad hooks run in the autograd engine,
+      outside any graph.
     * All collectives go through :class:`~hf_zero.engine.collectives.Collectives`.
 """
 
@@ -74,6 +78,12 @@ from .pool import BufferPool
 def in_backward() -> bool:
     """True while the autograd engine runs a backward pass on this thread."""
     return torch._C._current_graph_task_id() != -1
+
+
+def _eager(hook: Callable) -> Callable:
+    """``hook`` run outside torch.compile's tracing (``torch._dynamo.disable``): in a compiled
+    model it runs as plain Python between two graphs."""
+    return torch._dynamo.disable(hook, recursive=True, reason="hf_zero unit hooks run eagerly")
 
 
 def _tensors_in(obj) -> List[torch.Tensor]:
@@ -204,8 +214,11 @@ class StageRuntime:
     def install(self) -> None:
         self._allocate_persistent_grads()
         for u in self.units:
-            self._hook_handles.append(u.module.register_forward_pre_hook(self._make_pre_forward(u)))
-            self._hook_handles.append(u.module.register_forward_hook(self._make_post_forward(u)))
+            # torch.compile: the hooks run eagerly (a graph break on each side of every unit, as
+            # FSDP2 does with its hooks); traced, their collectives and Python state would break
+            # the graph at random points and recompile on every change of a unit's state
+            self._hook_handles.append(u.module.register_forward_pre_hook(_eager(self._make_pre_forward(u))))
+            self._hook_handles.append(u.module.register_forward_hook(_eager(self._make_post_forward(u))))
             for f in u.trainable:
                 for p in f.params:
                     self._hook_handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
