@@ -24,6 +24,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_all(procs, timeout: float, scenario: str, what: str, logs, tail: int) -> None:
+    """Wait for every ``(process, log file)`` in order; on the first failure or timeout kill the
+    rest and raise with the last ``tail`` characters of each log (``what``: "rank" or "node")."""
+    failed = []
+    try:
+        for i, (p, _log) in enumerate(procs):
+            try:
+                rc = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            if rc != 0:
+                failed.append((i, rc))
+                break
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
+    if failed:
+        text = "\n".join(f"--- {what} {i} ---\n" + path.read_text()[-tail:] for i, path in enumerate(logs))
+        raise AssertionError(f"scenario {scenario} failed on {what}(s) {failed}\n{text}")
+
+
 def launch(world_size: int, scenario: str, payload: dict, out_dir: Path, timeout: float = 600.0, env=None):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -39,25 +63,7 @@ def launch(world_size: int, scenario: str, payload: dict, out_dir: Path, timeout
         log = open(out_dir / f"rank{rank}.log", "w")
         procs.append((subprocess.Popen([sys.executable, str(HERE / "_worker.py"), scenario, str(out_dir)],
                                        env=e, stdout=log, stderr=subprocess.STDOUT), log))
-    failed = []
-    try:
-        for rank, (p, log) in enumerate(procs):
-            try:
-                rc = p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-            if rc != 0:
-                failed.append((rank, rc))
-                break
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
-    if failed:
-        logs = "\n".join(f"--- rank {r} ---\n" + (out_dir / f"rank{r}.log").read_text()[-4000:] for r in range(world_size))
-        raise AssertionError(f"scenario {scenario} failed on rank(s) {failed}\n{logs}")
+    _wait_all(procs, timeout, scenario, "rank", [out_dir / f"rank{r}.log" for r in range(world_size)], 4000)
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 
@@ -86,23 +92,5 @@ def launch_cluster(nodes: int, per_node: int, scenario: str, payload: dict, out_
                str(out_dir)]
         log = open(out_dir / f"node{node}.log", "w")
         procs.append((subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT), log))
-    failed = []
-    try:
-        for node, (p, log) in enumerate(procs):
-            try:
-                rc = p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-            if rc != 0:
-                failed.append((node, rc))
-                break
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
-    if failed:
-        logs = "\n".join(f"--- node {i} ---\n" + (out_dir / f"node{i}.log").read_text()[-6000:] for i in range(nodes))
-        raise AssertionError(f"scenario {scenario} failed on node(s) {failed}\n{logs}")
+    _wait_all(procs, timeout, scenario, "node", [out_dir / f"node{i}.log" for i in range(nodes)], 6000)
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
