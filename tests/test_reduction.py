@@ -53,6 +53,15 @@ CASES = [
     # rank-dependent control flow: rank 0 leaves out block 1 (stage 2: supported)
     dict(model="reuse", stage=2, skip_on=0),
     dict(model="reuse", stage=2, skip_on=1, plan=REUSE_TWICE, pattern="two_forwards", opt="adamw"),
+    # stage 1 reduce-scatters each unit during the boundary micro-step's backward, by the same
+    # rule; its full buffers hold the whole window, so a unit that changes after its reduction
+    # (a late gradient, a second backward()) is reduced again, replacing the first result
+    *[dict(model="llama", stage=1, pattern=p) for p in ("two_forwards", "two_backwards", "retain")],
+    dict(model="reuse", stage=1, pattern="two_backwards", plan=REUSE_BACKWARDS, accum=1, opt="adamw"),
+    dict(model="reuse", stage=1, pattern="interleaved", plan=REUSE_TWICE, accum=1),
+    dict(model="reuse", stage=1, outside=True),
+    dict(model="reuse", stage=1, skip_on=0),
+    dict(model="llama", stage=1, pattern="two_backwards", checkpointing="reentrant"),
 ]
 
 
@@ -133,11 +142,14 @@ def _expected_early(case, backwards):
     layers = 3 if case["model"] == "reuse" else 2
     if case["model"] == "mixtral":
         return None  # an expert without tokens on a rank makes the count data-dependent
-    if case["stage"] < 2:
-        return [0] * backwards
-    if case.get("pattern") == "two_backwards":
-        return [0, layers] * (backwards // 2)
-    return [layers] * backwards
+    pattern = case.get("pattern", "single")
+    per_micro = 2 if pattern in ("two_backwards", "retain", "interleaved") else 1
+    # one micro-step's backward() calls: the first of two after both forwards reduces at its end
+    micro = [0, layers] if pattern == "two_backwards" else [layers] * per_micro
+    if case["stage"] < 2:  # stage 1: only at the boundary micro-step (the last of ``accum``)
+        accum = case.get("accum", 2)
+        return ([0] * per_micro * (accum - 1) + micro) * (backwards // (per_micro * accum))
+    return micro * (backwards // per_micro)
 
 
 def test_check_unit_order_key():

@@ -528,12 +528,16 @@ class ZeroEngine:
                               and self._eager_trusted and self._backwards_in_micro == 0)
         self._backwards_in_micro += 1
         self.runtime.retain_uses = retain_graph
+        # stage 1: at the boundary micro-step each unit is reduce-scattered during backward, as
+        # soon as its gradient is complete (another backward() before step() reduces again)
+        self.runtime.reduce_in_backward = self.stage == 1 and self.is_gradient_accumulation_boundary()
         try:
             (loss.float() * factor).backward(retain_graph=retain_graph)
             self.runtime.finish_backward()
         finally:
             self._eager_active = False
             self.runtime.retain_uses = False
+            self.runtime.reduce_in_backward = False
         stepped = [u.name for u in self.runtime.last_late if self._eager_submitted & set(self._flat_indices(u))]
         if stepped:
             raise RuntimeError(

@@ -128,6 +128,7 @@ class Unit:
         self.start_event = -1  # the runtime's event count when its latest use began
         self.complete = False  # reduced because every parameter's gradient had arrived
         self.late: Dict[int, torch.Tensor] = {}  # flat index -> gradient that came after reduction
+        self.dirty = False  # stage 1: a gradient reached its full buffer after its reduction began
         self.pins = 0  # open gathered_parameters contexts (and gather-once generates) holding it
         self.sticky = False  # gathered on demand in this forward: kept until backward ends
         self.secondary: Dict[int, torch.Tensor] = {}  # hpZ: flat index -> secondary shard (hierarchy.py)
@@ -207,6 +208,13 @@ class StageRuntime:
         self.in_forward = False  # between the root's forward pre-hook and its forward hook
         self.hooks_suspended = False  # forward hooks do nothing (a gather-once generate: all pinned)
         self.max_pending_reductions = 2  # full gradient buffers kept alive by them, at most
+        # stage 1: the engine sets this for a backward at the accumulation boundary; each unit is
+        # then reduce-scattered in backward as soon as its gradient is complete (as at stage 2)
+        self.reduce_in_backward = False
+        self._reducing = stage >= 2  # this backward reduces units as they complete
+        # stage 1: the last backward left every unit's reduced shard up to date (nothing to do
+        # at the boundary); False once any gradient may have changed since
+        self.shards_current = False
         # stages 2-3: the per-backward full gradient buffers, reused (see hf_zero.engine.pool)
         self.grad_pool = BufferPool(keep=self.max_pending_reductions + 2)
 
@@ -285,6 +293,7 @@ class StageRuntime:
                 for t in u.grad_full.values():
                     t.zero_()
                 u.grad_shard.clear()  # stage 1: the boundary's reduce-scatter output
+                self.shards_current = False
             else:
                 for fi in list(u.grad_bound):
                     self._unbind_grads(u, fi)
@@ -551,11 +560,14 @@ class StageRuntime:
         self.backward_order = order + [self.root]
         self._reduced_upto = 0
         self.reduced_early = 0
+        self._reducing = self.stage >= 2 or (self.stage == 1 and self.reduce_in_backward)
+        self.shards_current = False
         if self.stage <= 1:
             self._rebind_persistent_grads()
         for u in self.units:
             u.waiting = set(u.expected)
             u.reduced = False
+            u.dirty = False
             u.active = False
             u.complete = False
         torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward_callback)
@@ -643,10 +655,13 @@ class StageRuntime:
             param.grad = None
         if late:
             return
+        if self.stage == 1 and unit.reduced:
+            unit.dirty = True  # its reduce-scatter may have missed this: redone at the end
+            return
         unit.waiting.discard(id(param))
         # The root's parameters (head, embeddings) can be done long before the layers', so only
         # the end of backward reduces the root.
-        if self.stage >= 2 and not unit.waiting and not unit.is_root:
+        if self._reducing and not unit.waiting and not unit.is_root:
             self._advance()
 
     def _ready(self, unit: Unit) -> bool:
@@ -658,9 +673,10 @@ class StageRuntime:
         return self._event > unit.start_event  # backward began another unit's use since
 
     def _advance(self) -> None:
-        """Stages 2-3: reduce, in reduction order, the ready units from the first one not yet
-        reduced (the root waits for the end of backward)."""
-        if self.stage < 2:
+        """Stages 2-3 (and stage 1 at the accumulation boundary): reduce, in reduction order,
+        the ready units from the first one not yet reduced (the root waits for the end of
+        backward)."""
+        if not self._reducing:
             return
         last = len(self.reduce_order) - 1
         while self._reduced_upto < last and self._ready(self.reduce_order[self._reduced_upto]):
@@ -674,7 +690,7 @@ class StageRuntime:
                          and unit.silent_uses == 0 and not unit.replaying)
         self.reduce_unit(unit)
         unit.reduced = True
-        if self.on_unit_reduced is not None:
+        if self.on_unit_reduced is not None and self.stage >= 2:
             self.wait_reductions()
             self.on_unit_reduced(unit)
 
@@ -689,6 +705,12 @@ class StageRuntime:
             self.wait_reductions()
             self.last_late = self._reduce_late()
             self.grad_pool.trim()
+        elif self._reducing:  # stage 1 at the boundary: the rest, then what changed after
+            while self._reduced_upto < len(self.reduce_order):
+                self._reduce_next()
+            self.wait_reductions()
+            self.last_late = self._reduce_dirty()
+            self.shards_current = True
         self.release_all()
         for u in self.units:
             u.secondary.clear()  # hpZ: a secondary shard serves one forward's backward
@@ -702,17 +724,32 @@ class StageRuntime:
             u.active = False
         self._in_backward_step = False
 
-    def _reduce_late(self) -> List[Unit]:
-        """Stages 2-3, end of backward: all ranks agree which units got gradients after their
-        reduction, and reduce-scatter those (zeros where a rank has none) in reduction order."""
+    def _agreed(self, mine: List[bool]) -> List[Unit]:
+        """The units of the reduction order flagged (``mine``, one flag per unit) on any rank:
+        one max all-reduce of the flags (control)."""
         order = self.reduce_order
         if self.comm.world_size > 1:
             device = next((f.device for u in self.units for f in u.flats), torch.device("cpu"))
-            flags = torch.tensor([1.0 if u.late else 0.0 for u in order], device=device)
+            flags = torch.tensor([1.0 if m else 0.0 for m in mine], device=device)
             self.comm.all_reduce(flags, op="max", control=True)
-            late = [u for u, flag in zip(order, flags.tolist()) if flag > 0]
-        else:
-            late = [u for u in order if u.late]
+            mine = [flag > 0 for flag in flags.tolist()]
+        return [u for u, m in zip(order, mine) if m]
+
+    def _reduce_dirty(self) -> List[Unit]:
+        """Stage 1, end of a boundary backward: all ranks agree which units got gradients after
+        their reduce-scatter was issued, and reduce-scatter those again (their full buffers hold
+        every gradient of the window, so the new result replaces the old)."""
+        dirty = self._agreed([u.dirty for u in self.reduce_order])
+        for unit in dirty:
+            self._reduce_full(unit)
+            unit.dirty = False
+        self.wait_reductions()
+        return dirty
+
+    def _reduce_late(self) -> List[Unit]:
+        """Stages 2-3, end of backward: all ranks agree which units got gradients after their
+        reduction, and reduce-scatter those (zeros where a rank has none) in reduction order."""
+        late = self._agreed([bool(u.late) for u in self.reduce_order])
         for unit in late:
             for fi, f in enumerate(unit.flats):
                 if not f.trainable:
@@ -794,7 +831,11 @@ class StageRuntime:
                 acc.add_(out)
 
     def reduce_unit(self, unit: Unit) -> None:
-        """Stage 2/3: reduce-scatter this backward's gradients of ``unit`` into the shards."""
+        """Stage 2/3: reduce-scatter this backward's gradients of ``unit`` into the shards
+        (stage 1: the window's gradients, see :meth:`_reduce_full`)."""
+        if self.stage == 1:
+            self._reduce_full(unit)
+            return
         for fi, f in enumerate(unit.flats):
             if not f.trainable:
                 continue
@@ -804,8 +845,38 @@ class StageRuntime:
                 full = self.grad_pool.take(f.padded_numel, self.comm_dtype or f.dtype, f.device)
             self._reduce_scatter_into(unit, fi, full, async_op=True, recycle=True)
 
+    def _reduce_full(self, unit: Unit) -> None:
+        """Stage 1: reduce-scatter (asynchronously) ``unit``'s persistent full gradient buffers,
+        which hold the whole accumulation window, *replacing* its shard accumulators. The buffers
+        stay the parameters' ``.grad`` (unreduced, as before): a prescale or a cast to
+        ``communication_data_type`` works on a copy."""
+        for fi, f in enumerate(unit.flats):
+            if not f.trainable:
+                continue
+            full = unit.grad_full.get(fi)
+            if full is None:
+                full = torch.zeros(f.padded_numel, dtype=self.accum_dtype or f.dtype, device=f.device)
+                unit.grad_full[fi] = full
+            if self.comm_dtype not in (None, full.dtype):
+                work = full.to(self.comm_dtype)
+            else:
+                work = full.clone() if self.predivide != 1.0 else full
+            if fi in unit.grad_shard:  # overwritten, not added to
+                unit.fresh.add(fi)
+                unit.stale.add(fi)
+            self._reduce_scatter_into(unit, fi, work, async_op=True)
+
     def reduce_boundary(self) -> None:
-        """Stages 0-1, at the accumulation boundary: average the accumulated full gradients."""
+        """Stages 0-1, at the accumulation boundary: average the accumulated full gradients
+        (stage 0: all-reduce; stage 1: reduce-scatter, unless the boundary backward did already,
+        :attr:`shards_current`)."""
+        if self.stage == 1:
+            if not self.shards_current:
+                for unit in self.reduce_order:
+                    self._reduce_full(unit)
+                self.wait_reductions()
+            self.shards_current = False
+            return
         n = self.comm.world_size
         for unit in self.units:
             for fi, f in enumerate(unit.flats):
@@ -815,17 +886,11 @@ class StageRuntime:
                 if full is None:
                     full = torch.zeros(f.padded_numel, dtype=self.accum_dtype or f.dtype, device=f.device)
                     unit.grad_full[fi] = full
-                if self.stage == 0:
-                    work = full if self.comm_dtype in (None, full.dtype) else full.to(self.comm_dtype)
-                    if self.predivide != 1.0:
-                        work.div_(self.predivide)
-                    self.comm.all_reduce(work)
-                    if n / self.predivide != 1.0:
-                        work.div_(n / self.predivide)
-                    if work is not full:
-                        full.copy_(work)
-                else:
-                    work = full if self.comm_dtype in (None, full.dtype) else full.to(self.comm_dtype)
-                    unit.grad_shard.pop(fi, None)
-                    self._reduce_scatter_into(unit, fi, work, async_op=True)
-        self.wait_reductions()
+                work = full if self.comm_dtype in (None, full.dtype) else full.to(self.comm_dtype)
+                if self.predivide != 1.0:
+                    work.div_(self.predivide)
+                self.comm.all_reduce(work)
+                if n / self.predivide != 1.0:
+                    work.div_(n / self.predivide)
+                if work is not full:
+                    full.copy_(work)
