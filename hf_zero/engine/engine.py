@@ -178,6 +178,11 @@ class ZeroEngine:
             shard_source=self.param_swap, check_unit_order=hz.check_unit_order, hierarchy=self.hierarchy,
         )
         self.runtime.on_backward_end = self.runtime.finish_backward
+        # stages 1-2: the post-step all-gathers run in the background (hf_zero.engine.pending)
+        from .pending import PostStepGathers
+
+        self.post_gathers = PostStepGathers(self.shard_comm) if self.stage in (1, 2) else None
+        self.runtime.post_gathers = self.post_gathers
         self.runtime.install()
         self.host = None
         self._eager_active = False
@@ -513,6 +518,7 @@ class ZeroEngine:
         """Backward of ``loss`` (divided by the accumulation steps unless ``scale_wrt_gas`` is
         False), multiplied by the loss scale. Gradients accumulate until the update."""
         self._require_optimizer("backward")
+        self.wait_for_parameters()  # (the forward did, unless it bypassed the engine's hooks)
         factor = self.loss_scaler.scale / (self.gradient_accumulation_steps if scale_wrt_gas else 1)
         if self._counted_micro != self.micro_steps:
             self._counted_micro, self._backwards_in_micro = self.micro_steps, 0
@@ -625,6 +631,7 @@ class ZeroEngine:
 
     @torch.no_grad()
     def _optimizer_step(self) -> None:
+        self.wait_for_parameters()  # (normally done by the forward) the step writes the shards
         if self.stage <= 1:
             self.runtime.reduce_boundary()
         self.runtime.release_all()  # stage 3: no unit may stay gathered across new weights
@@ -806,9 +813,11 @@ class ZeroEngine:
     def flush_pending_update(self) -> None:
         """With the delayed update: finish and publish the update still running, so the
         weights, masters and optimizer states agree (checkpoints and exports call this)."""
+        self.wait_for_parameters()
         if self.host is not None:
             self.host.wait()
             self._apply_staged()
+            self.wait_for_parameters()
 
     def resident(self, flat, write_back: bool = False):
         """Context: ``flat.master`` and its optimizer states in RAM (a no-op unless NVMe)."""
@@ -819,12 +828,18 @@ class ZeroEngine:
         return self.host.resident(flat, write_back=write_back)
 
     def _gather_updated(self) -> None:
-        """Stages 1-2: every rank's updated shards into the full parameters (issued together,
-        then waited for, so the transfers pipeline)."""
-        if self.stage in (1, 2):
-            handles = [self.shard_comm.all_gather(f.full, f.shard, async_op=True) for f in self._trainable_flats]
-            for h in handles:
-                h.wait()
+        """Stages 1-2: every rank's updated shards into the full parameters, issued together
+        (the root first, then the layers in module order) and waited for lazily, unit by unit,
+        when first needed (:mod:`hf_zero.engine.pending`); a compiled model waits at once."""
+        if self.post_gathers is not None:
+            order = [self.runtime.root] + [u for u in self.units if not u.is_root]
+            self.post_gathers.start(order, lazy=not self.is_compiled)
+
+    def wait_for_parameters(self) -> None:
+        """Stages 1-2: complete the post-step all-gathers still in flight (every read through a
+        parameter waits by itself; this is for code that reads the flat buffers directly)."""
+        if self.post_gathers is not None:
+            self.post_gathers.wait_all()
 
     def _finish_step(self) -> None:
         if self.host is not None:
@@ -898,6 +913,7 @@ class ZeroEngine:
     def gather_fp32(self, f: FlatParam) -> torch.Tensor:
         """Collective: the whole padded buffer of flat ``f`` in fp32 on every rank, from the fp32
         masters where ``f`` is trained (wherever they are offloaded), else from the parameters."""
+        self.wait_for_parameters()
         with self.resident(f) if f.trainable else _nullcontext():
             shard = (f.master if f.trainable else self.read_shard(f)).to(f.device, torch.float32)
             if f.shard_world == 1:
@@ -949,6 +965,7 @@ class ZeroEngine:
         from ..checkpoint.sharded import load_checkpoint
 
         self.runtime.release_all()  # stage 3: nothing stays gathered across the loaded weights
+        self.wait_for_parameters()  # stages 1-2: no post-step gather writes over the loaded ones
         return load_checkpoint(self, load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
                                load_lr_scheduler_states=load_lr_scheduler_states,
                                load_module_only=load_module_only)
@@ -965,6 +982,7 @@ class ZeroEngine:
         if self._preempt is not None:
             self._preempt.close()
             self._preempt = None
+        self.wait_for_parameters()  # the parameters are plain nn.Parameter afterwards
         self.runtime.remove()
         if self.host is not None:
             self.flush_pending_update()

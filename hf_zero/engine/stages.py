@@ -204,6 +204,7 @@ class StageRuntime:
         self._in_backward_step = False
         self.on_backward_end: Optional[Callable[[], None]] = None
         self.on_unit_reduced: Optional[Callable[[Unit], None]] = None  # e.g. start its CPU step
+        self.post_gathers = None  # stages 1-2: the post-step all-gathers in flight (pending.py)
         self._pending: list = []  # reduce-scatters in flight: (handle, full, out, acc, direct, recycle)
         self.in_forward = False  # between the root's forward pre-hook and its forward hook
         self.hooks_suspended = False  # forward hooks do nothing (a gather-once generate: all pinned)
@@ -428,6 +429,8 @@ class StageRuntime:
         def hook(module, args):
             if self.hooks_suspended:
                 return None
+            if self.post_gathers is not None and self.post_gathers.pending:
+                self.post_gathers.wait(unit)  # stages 1-2: its updated weights, before it runs
             if in_backward():  # activation-checkpoint recomputation
                 self._note_replay(unit)
                 self.gather(unit)
@@ -464,6 +467,8 @@ class StageRuntime:
             if unit.is_root:
                 self._training_forward = False
                 self.in_forward = False
+                if self.post_gathers is not None:  # units that did not run: before backward
+                    self.post_gathers.wait_all()
                 grad = torch.is_grad_enabled()
                 for u in self.units:  # prefetched but not run this time (and, without grad, sticky)
                     if u is not self.root:
