@@ -195,7 +195,6 @@ class ZeroEngine:
         self._staged: Dict[int, torch.Tensor] = {}
         if self._host_flats:  # ratio 0: no flat on the host, the same engine as no offload
             self.host = self._make_host_step()
-            self.runtime.on_unit_reduced = self._on_unit_reduced
         self._report_start_divergence()
         self.comm.take_totals()  # the start-up broadcast is not part of any step
         self._preempt = None  # hf_zero.save_on_signal: SIGTERM -> save at the next boundary, exit 0
@@ -533,6 +532,9 @@ class ZeroEngine:
         self._eager_active = (self._eager_allowed() and self.is_gradient_accumulation_boundary()
                               and self._eager_trusted and self._backwards_in_micro == 0)
         self._backwards_in_micro += 1
+        # the eager CPU step needs each reduction completed as it happens; otherwise they stay
+        # in flight behind backward (as without offload)
+        self.runtime.on_unit_reduced = self._on_unit_reduced if self._eager_active else None
         self.runtime.retain_uses = retain_graph
         # stage 1: at the boundary micro-step each unit is reduce-scattered during backward, as
         # soon as its gradient is complete (another backward() before step() reduces again)
@@ -542,6 +544,7 @@ class ZeroEngine:
             self.runtime.finish_backward()
         finally:
             self._eager_active = False
+            self.runtime.on_unit_reduced = None
             self.runtime.retain_uses = False
             self.runtime.reduce_in_backward = False
         stepped = [u.name for u in self.runtime.last_late if self._eager_submitted & set(self._flat_indices(u))]

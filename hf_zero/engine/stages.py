@@ -6,7 +6,12 @@ Note:
       ``gradient_as_bucket_view``); a post-accumulate-grad hook only counts the arrival. Stages
       0 and 1 keep the buffer for the whole accumulation window (the views are re-bound when a
       backward begins, so ``zero_grad(set_to_none=True)`` or a user's ``p.grad = None`` loses
-      nothing) and reduce at the boundary (``reduce_boundary``); stages 2 and 3 take it from a
+      nothing). Stage 0 all-reduces at the boundary (``reduce_boundary``); stage 1 reduce-scatters
+      each unit during the boundary micro-step's backward, by the reduction rule below (the
+      engine sets ``reduce_in_backward``), replacing the shard with the reduction of the whole
+      window, and reduces again a unit whose buffer changed after that (a late gradient, another
+      ``backward()`` before the step: ``dirty``, agreed by all ranks at the end of backward);
+      ``reduce_boundary`` reduces only what no boundary backward did. Stages 2 and 3 take it from a
       pool (:mod:`hf_zero.engine.pool`) when a use of the unit begins in backward, drop the
       views and reduce-scatter it into the rank's shard accumulator as soon as the unit is
       done, then give it back. A gradient that arrives while no view is bound (a buffer dtype
@@ -15,7 +20,10 @@ Note:
       ``.grad`` dropped. With ``create_graph=True`` autograd sums out of place; the hook then
       stores the sum into the view (a ``.grad`` set to None in the same backward, before the
       views were re-bound, is not supported there).
-    * Ordering: every rank must issue the same collectives in the same order. Stages 2-3 reduce
+    * Stages 1-2, after the step: the all-gathers of the updated shards are left in flight and
+      each unit's is waited for in its forward pre-hook, at the end of the next forward, or on
+      any read of its parameters (:mod:`hf_zero.engine.pending`, ``post_gathers``).
+    * Ordering: every rank must issue the same collectives in the same order. Stages 1-3 reduce
       the units in one fixed *reduction order*, the reverse of the model's module order with the
       root last, the same on every rank whatever each rank's control flow (a unit a rank did not
       run this step is reduced there with a zero gradient, in its place). Reductions are always
