@@ -16,9 +16,10 @@ Note:
       boundary step that was skipped (fp16 overflow, non-finite gradients).
     * ``save_16bit_model`` writes Hugging Face safetensors through ``save_pretrained`` in the
       compute dtype, never a pickled ``pytorch_model.bin`` (no pickle in hf_zero's files).
-    * ``no_sync()`` is refused at stages 2-3 (gradients are reduce-scattered as backward goes,
-      DeepSpeed refuses it too); at stages 0-1 gradients are reduced only at the accumulation
-      boundary anyway, so it changes nothing.
+    * ``no_sync()`` changes nothing: gradients are reduced as the accumulation boundary says
+      (at stages 0-1 only there; at stages 2-3 into the shards at every backward, which gives
+      the same sums). DeepSpeed refuses it at stages 2-3; here it stays a no-op because
+      Accelerate and the Trainer enter ``model.no_sync()`` on every non-boundary micro-step.
 """
 
 from __future__ import annotations
@@ -139,9 +140,5 @@ class DeepSpeedEngineMethods:
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
-        if self.stage >= 2:
-            raise RuntimeError(
-                f"hf_zero: no_sync() is not possible at ZeRO stage {self.stage}: gradients are reduce-scattered "
-                "into the shards during backward. Accumulate with gradient_accumulation_steps instead (engine.step() "
-                "updates the weights only at the boundary)")
+        """A no-op (see the module notes): accumulation follows the boundary, not this context."""
         yield
