@@ -14,6 +14,22 @@ import os
 from .config import ConfigError, ZeroConfig
 from .engine import Collectives, OptimizerNotSupported, ZeroEngine
 from .engine.access import ShardedParameterError
+from .engine.fragments import (
+    local_range,
+    safe_get_full_fp32_param,
+    safe_get_full_grad,
+    safe_get_full_optimizer_state,
+    safe_get_local_fp32_param,
+    safe_get_local_grad,
+    safe_get_local_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_grad,
+    safe_set_full_optimizer_state,
+    safe_set_local_fp32_param,
+    safe_set_local_grad,
+    safe_set_local_optimizer_state,
+    safe_update_full_grad_vectorized,
+)
 from .engine.gather import gathered_parameters
 from .initialize import initialize
 
@@ -45,5 +61,10 @@ def __getattr__(name):
 
 
 __all__ = ["ConfigError", "ZeroConfig", "ZeroEngine", "Collectives", "OptimizerNotSupported", "initialize",
-           "gathered_parameters", "ShardedParameterError",
+           "gathered_parameters", "ShardedParameterError", "local_range",
+           "safe_get_full_fp32_param", "safe_set_full_fp32_param", "safe_get_local_fp32_param",
+           "safe_set_local_fp32_param", "safe_get_full_grad", "safe_set_full_grad", "safe_get_local_grad",
+           "safe_set_local_grad", "safe_get_full_optimizer_state", "safe_set_full_optimizer_state",
+           "safe_get_local_optimizer_state", "safe_set_local_optimizer_state",
+           "safe_update_full_grad_vectorized",
            "__version__", *_LAZY]

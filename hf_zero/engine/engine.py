@@ -43,6 +43,7 @@ from contextlib import nullcontext as _nullcontext
 
 from ..config import ZeroConfig
 from .collectives import Collectives, CommTotals
+from .deepspeed_api import DeepSpeedEngineMethods
 from .hierarchy import Hierarchy, ScaleSettings, check_settings
 from .topology import Topology
 from .flat import FlatParam, FlatState
@@ -74,7 +75,7 @@ def split_compiled(model: nn.Module):
     return model, None
 
 
-class ZeroEngine:
+class ZeroEngine(DeepSpeedEngineMethods):
     """A model wrapped for ZeRO data parallelism. Build it with :func:`hf_zero.initialize`."""
 
     def __init__(
@@ -117,7 +118,7 @@ class ZeroEngine:
         self.shard_comm = self.hierarchy.shard
         if self.world_size > 1:
             install_exit_teardown()  # no SIGABRT at exit from gloo's worker threads (teardown.py)
-        self.gradient_accumulation_steps = int(config.gradient_accumulation_steps)
+        self.gradient_accumulation_steps = int(config.gradient_accumulation_steps)  # (deepspeed_api.py: also callable)
         self.micro_batch_size = int(config.train_micro_batch_size_per_gpu)
         self.gradient_clipping = float(config.gradient_clipping or 0.0)
         self.compute_dtype = config.compute_dtype
@@ -125,6 +126,8 @@ class ZeroEngine:
         self.global_steps = 0
         self.training_dataloader = None  # set by initialize(training_data=...); checkpoints seek it
         self.skipped_steps = 0
+        self._step_applied = False  # the last step() updated the weights (was_step_applied)
+        self._boundary_override: Optional[bool] = None  # set_gradient_accumulation_boundary
         self._last_grad_norm: Optional[torch.Tensor] = None
         self._pending_save = None  # an asynchronous checkpoint save in flight (checkpoint/async_save.py)
         self._last_comm = CommTotals()
@@ -507,6 +510,8 @@ class ZeroEngine:
         return self.train(False)
 
     def is_gradient_accumulation_boundary(self) -> bool:
+        if self._boundary_override is not None:
+            return self._boundary_override
         return (self.micro_steps + 1) % self.gradient_accumulation_steps == 0
 
     @property
@@ -566,6 +571,7 @@ class ZeroEngine:
             raise_if_failed(self)
         boundary = self.is_gradient_accumulation_boundary()
         self.micro_steps += 1
+        self._step_applied = False
         if boundary:
             self._optimizer_step()
             self._stop_if_preempted()
@@ -578,6 +584,7 @@ class ZeroEngine:
             from ..checkpoint.async_save import raise_if_failed
 
             raise_if_failed(self)
+        self._step_applied = False
         self._optimizer_step()
         self._stop_if_preempted()
 
@@ -667,6 +674,7 @@ class ZeroEngine:
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.loss_scaler.update(False)
+        self._step_applied = True
         self._finish_step()
 
     def _skip_step(self, what: str) -> None:
