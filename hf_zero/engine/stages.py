@@ -224,6 +224,7 @@ class StageRuntime:
         # stage 1: the last backward left every unit's reduced shard up to date (nothing to do
         # at the boundary); False once any gradient may have changed since
         self.shards_current = False
+        self._reduced_versions: Dict[tuple, int] = {}
         # stages 2-3: the per-backward full gradient buffers, reused (see hf_zero.engine.pool)
         self.grad_pool = BufferPool(keep=self.max_pending_reductions + 2)
 
@@ -724,6 +725,9 @@ class StageRuntime:
             self.wait_reductions()
             self.last_late = self._reduce_dirty()
             self.shards_current = True
+            # what the shards were reduced from: a later in-place change of a buffer (a user's
+            # ``p.grad.mul_``, ``safe_set_full_grad``) bumps its version and is reduced again
+            self._reduced_versions = self._grad_versions()
         self.release_all()
         for u in self.units:
             u.secondary.clear()  # hpZ: a secondary shard serves one forward's backward
@@ -879,15 +883,23 @@ class StageRuntime:
                 unit.stale.add(fi)
             self._reduce_scatter_into(unit, fi, work, async_op=True)
 
+    def _grad_versions(self) -> Dict[tuple, int]:
+        return {(u.index, fi): t._version for u in self.units for fi, t in u.grad_full.items()}
+
     def reduce_boundary(self) -> None:
         """Stages 0-1, at the accumulation boundary: average the accumulated full gradients
         (stage 0: all-reduce; stage 1: reduce-scatter, unless the boundary backward did already,
         :attr:`shards_current`)."""
         if self.stage == 1:
             if not self.shards_current:
-                for unit in self.reduce_order:
-                    self._reduce_full(unit)
-                self.wait_reductions()
+                todo = self.reduce_order
+            else:  # the boundary backward reduced them all: only buffers changed since, agreed
+                now, then = self._grad_versions(), self._reduced_versions
+                todo = self._agreed([any(now.get((u.index, fi)) != then.get((u.index, fi)) for fi in u.grad_full)
+                                     for u in self.reduce_order])
+            for unit in todo:
+                self._reduce_full(unit)
+            self.wait_reductions()
             self.shards_current = False
             return
         n = self.comm.world_size
