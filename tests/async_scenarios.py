@@ -113,3 +113,43 @@ def failure(payload, out_dir: Path):
     _train(engine, 1, 2, rank, world)
     engine.save_checkpoint(save, tag="next")
     return {"at_save": at_save, **after, "latest_final": (save / "latest").read_text()}
+
+
+def trainer_async(payload, out_dir: Path):
+    """ZeroTrainer saving every 2 steps with ``save_total_limit`` 1; ``async``: the config key
+    ``hf_zero.async_save``. Records, at every save, whether the engine's write was still in
+    flight and which checkpoint folders existed; optionally stops at step ``stop_at`` or resumes
+    (``resume``: a path or True)."""
+    import hf_zero
+    from transformers import TrainerCallback
+
+    from integration_scenarios import build, sequential, trainer_dataset, trainer_kwargs, zero_cfg
+
+    world = dist.get_world_size()
+    if payload.get("delay"):
+        _slow_writes(payload["delay"])
+    extra = {"hf_zero": {"async_save": True}} if payload["async"] else {}
+    args = hf_zero.ZeroTrainingArguments(
+        zero_config=zero_cfg(payload["stage"], **extra),
+        **trainer_kwargs(payload["output_dir"], 12 // world, max_steps=6, save_strategy="steps", save_steps=2,
+                         save_total_limit=1, gradient_accumulation_steps=1))
+    trainer = sequential(hf_zero.ZeroTrainer)(model=build("llama"), args=args, train_dataset=trainer_dataset(72))
+    saves = []
+
+    class Watch(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            job = trainer.zero_engine._pending_save
+            saves.append({"step": state.global_step, "in_flight": job is not None and job.thread.is_alive(),
+                          "folders": sorted(d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-"))})
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if payload.get("stop_at") and state.global_step >= payload["stop_at"]:
+                control.should_training_stop = True
+
+    trainer.add_callback(Watch())
+    trainer.train(resume_from_checkpoint=payload.get("resume"))
+    res = {"losses": {int(h["step"]): h["loss"] for h in trainer.state.log_history if "loss" in h},
+           "saves": saves, "pending_after_train": trainer.zero_engine._pending_save is not None,
+           "folders": sorted(d for d in os.listdir(payload["output_dir"]) if d.startswith("checkpoint-"))}
+    trainer.accelerator.free_memory()
+    return res
