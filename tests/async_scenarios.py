@@ -125,7 +125,7 @@ def trainer_async(payload, out_dir: Path):
 
     from integration_scenarios import build, sequential, trainer_dataset, trainer_kwargs, zero_cfg
 
-    world = dist.get_world_size()
+    world = int(os.environ["WORLD_SIZE"])
     if payload.get("delay"):
         _slow_writes(payload["delay"])
     extra = {"hf_zero": {"async_save": True}} if payload["async"] else {}
