@@ -153,3 +153,48 @@ def trainer_async(payload, out_dir: Path):
            "folders": sorted(d for d in os.listdir(payload["output_dir"]) if d.startswith("checkpoint-"))}
     trainer.accelerator.free_memory()
     return res
+
+
+def accelerate_async(payload, out_dir: Path):
+    """The plain Accelerate loop of ``integration_scenarios.accelerate_resume`` (stage 3, micro 2,
+    accumulation 2, 3 updates) with ``hf_zero.async_save`` in the plugin's config (or the
+    ``async_save=True`` keyword): ``save_state`` after update 2 returns while its write is in
+    flight (held back 1 s) and the loop runs on to update 3."""
+    import hf_zero
+    from torch.utils.data import DataLoader
+
+    from integration_scenarios import CLIP, _model_optimizer_scheduler, samples, zero_cfg
+
+    _slow_writes(1.0)
+    case = {"stage": 3, "accum": 2, "micro": 2}
+    cfg = zero_cfg(3, **({"hf_zero": {"async_save": True}} if payload["how"] == "config" else {}))
+    accelerator = hf_zero.ZeroAccelerator(zero_plugin=hf_zero.ZeroPlugin(cfg), cpu=True, gradient_accumulation_steps=2)
+    model, opt, sched = _model_optimizer_scheduler(case)
+    data = [{"input_ids": x, "labels": x.clone()} for x in samples(24)]
+    model, opt, dl, sched = accelerator.prepare(model, opt, DataLoader(data, batch_size=2, shuffle=False), sched)
+    losses, pending, updates, in_flight = [], [], 0, None
+    for batch in dl:
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            pending.append(loss.item())
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), CLIP)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            if accelerator.sync_gradients:
+                losses.append(sum(pending) / len(pending))
+                pending = []
+                updates += 1
+                if updates == 2:
+                    kw = {"async_save": True} if payload["how"] == "keyword" else {}
+                    accelerator.save_state(payload["save"], **kw)
+                    job = accelerator.zero_engine._pending_save
+                    in_flight = job is not None and job.thread.is_alive()
+    accelerator.zero_engine.wait_for_checkpoint()
+    sd = accelerator.get_state_dict(model)
+    res = {"losses": losses, "lr": opt.param_groups[0]["lr"], "in_flight": in_flight,
+           "weights_sum": float(sum(v.double().abs().sum() for v in sd.values()))}
+    accelerator.free_memory()
+    return res

@@ -162,3 +162,20 @@ def test_trainer_resume_true_skips_an_interrupted_async_save(tmp_path):
     (tmp_path / "checkpoint-6" / "global_step6" / "index.json").write_text("{}")
     assert newest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
     assert newest_complete_checkpoint(tmp_path / "none") is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["config", "keyword"])
+def test_accelerate_save_state_async(tmp_path, how):
+    """accelerator.save_state under the plugin honours ``hf_zero.async_save`` (and the
+    ``async_save=True`` keyword): it returns with the write in flight, the loop goes on, and
+    load_state of that checkpoint in a new launch continues exactly as the loop did."""
+    saved = launch(2, "async_scenarios:accelerate_async", {"how": how, "save": str(tmp_path / "state")},
+                   tmp_path / "a")[0]
+    assert saved["in_flight"] is True
+    assert len(saved["losses"]) == 3
+    # integration_scenarios.accelerate_resume: load_state, skip the 4 micro-batches seen, run on
+    rest = launch(2, "integration_scenarios:accelerate_resume", {"stage": 3, "load": str(tmp_path / "state"),
+                                                                 "skip_batches": 4}, tmp_path / "b")[0]
+    assert rest["losses"] == saved["losses"][2:]
+    assert rest["lr"] == saved["lr"] and rest["weights_sum"] == saved["weights_sum"]
