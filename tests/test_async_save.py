@@ -113,13 +113,13 @@ def test_failure_is_raised_at_the_next_step_and_destroy_waits(tmp_path, monkeypa
 @pytest.mark.slow
 def test_trainer_async_save_rotates_safely_and_resumes(tmp_path):
     """ZeroTrainer with ``hf_zero.async_save``, save_steps 2, save_total_limit 1: each save
-    returns while its write is in flight (held back 2 s) and training goes on with the losses of
+    returns while its write is in flight (held back 5 s) and training goes on with the losses of
     a synchronous run; rotation keeps the previous complete checkpoint while the newest is
     written; ``resume_from_checkpoint=True`` continues the curve; the checkpoint equals the
     synchronous run's byte for byte."""
     S = "async_scenarios:trainer_async"
     sync = launch(2, S, {"stage": 3, "async": False, "output_dir": str(tmp_path / "sync")}, tmp_path / "l1")[0]
-    first = launch(2, S, {"stage": 3, "async": True, "stop_at": 4, "delay": 2.0, "output_dir": str(tmp_path / "a")},
+    first = launch(2, S, {"stage": 3, "async": True, "stop_at": 4, "delay": 5.0, "output_dir": str(tmp_path / "a")},
                    tmp_path / "l2")[0]
     rest = launch(2, S, {"stage": 3, "async": True, "resume": True, "output_dir": str(tmp_path / "a")},
                   tmp_path / "l3")[0]
