@@ -113,3 +113,88 @@ def failure(payload, out_dir: Path):
     _train(engine, 1, 2, rank, world)
     engine.save_checkpoint(save, tag="next")
     return {"at_save": at_save, **after, "latest_final": (save / "latest").read_text()}
+
+
+def trainer_async(payload, out_dir: Path):
+    """ZeroTrainer saving every 2 steps with ``save_total_limit`` 1; ``async``: the config key
+    ``hf_zero.async_save``. Records, at every save, whether the engine's write was still in
+    flight and which checkpoint folders existed; optionally stops at step ``stop_at`` or resumes
+    (``resume``: a path or True)."""
+    import hf_zero
+    from transformers import TrainerCallback
+
+    from integration_scenarios import build, sequential, trainer_dataset, trainer_kwargs, zero_cfg
+
+    world = int(os.environ["WORLD_SIZE"])
+    if payload.get("delay"):
+        _slow_writes(payload["delay"])
+    extra = {"hf_zero": {"async_save": True}} if payload["async"] else {}
+    args = hf_zero.ZeroTrainingArguments(
+        zero_config=zero_cfg(payload["stage"], **extra),
+        **trainer_kwargs(payload["output_dir"], 12 // world, max_steps=6, save_strategy="steps", save_steps=2,
+                         save_total_limit=1, gradient_accumulation_steps=1))
+    trainer = sequential(hf_zero.ZeroTrainer)(model=build("llama"), args=args, train_dataset=trainer_dataset(72))
+    saves = []
+
+    class Watch(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            job = trainer.zero_engine._pending_save
+            saves.append({"step": state.global_step, "in_flight": job is not None and job.thread.is_alive(),
+                          "folders": sorted(d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-"))})
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if payload.get("stop_at") and state.global_step >= payload["stop_at"]:
+                control.should_training_stop = True
+
+    trainer.add_callback(Watch())
+    trainer.train(resume_from_checkpoint=payload.get("resume"))
+    res = {"losses": {int(h["step"]): h["loss"] for h in trainer.state.log_history if "loss" in h},
+           "saves": saves, "pending_after_train": trainer.zero_engine._pending_save is not None,
+           "folders": sorted(d for d in os.listdir(payload["output_dir"]) if d.startswith("checkpoint-"))}
+    trainer.accelerator.free_memory()
+    return res
+
+
+def accelerate_async(payload, out_dir: Path):
+    """The plain Accelerate loop of ``integration_scenarios.accelerate_resume`` (stage 3, micro 2,
+    accumulation 2, 3 updates) with ``hf_zero.async_save`` in the plugin's config (or the
+    ``async_save=True`` keyword): ``save_state`` after update 2 returns while its write is in
+    flight (held back 1 s) and the loop runs on to update 3."""
+    import hf_zero
+    from torch.utils.data import DataLoader
+
+    from integration_scenarios import CLIP, _model_optimizer_scheduler, samples, zero_cfg
+
+    _slow_writes(1.0)
+    case = {"stage": 3, "accum": 2, "micro": 2}
+    cfg = zero_cfg(3, **({"hf_zero": {"async_save": True}} if payload["how"] == "config" else {}))
+    accelerator = hf_zero.ZeroAccelerator(zero_plugin=hf_zero.ZeroPlugin(cfg), cpu=True, gradient_accumulation_steps=2)
+    model, opt, sched = _model_optimizer_scheduler(case)
+    data = [{"input_ids": x, "labels": x.clone()} for x in samples(24)]
+    model, opt, dl, sched = accelerator.prepare(model, opt, DataLoader(data, batch_size=2, shuffle=False), sched)
+    losses, pending, updates, in_flight = [], [], 0, None
+    for batch in dl:
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            pending.append(loss.item())
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), CLIP)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            if accelerator.sync_gradients:
+                losses.append(sum(pending) / len(pending))
+                pending = []
+                updates += 1
+                if updates == 2:
+                    kw = {"async_save": True} if payload["how"] == "keyword" else {}
+                    accelerator.save_state(payload["save"], **kw)
+                    job = accelerator.zero_engine._pending_save
+                    in_flight = job is not None and job.thread.is_alive()
+    accelerator.zero_engine.wait_for_checkpoint()
+    sd = accelerator.get_state_dict(model)
+    res = {"losses": losses, "lr": opt.param_groups[0]["lr"], "in_flight": in_flight,
+           "weights_sum": float(sum(v.double().abs().sum() for v in sd.values()))}
+    accelerator.free_memory()
+    return res

@@ -108,3 +108,74 @@ def test_failure_is_raised_at_the_next_step_and_destroy_waits(tmp_path, monkeypa
     engine.destroy()  # waits for the pending write
     assert (tmp_path / "ok" / "latest").read_text() == "last"
     Index.read(tmp_path / "ok" / "last").check_files()
+
+
+@pytest.mark.slow
+def test_trainer_async_save_rotates_safely_and_resumes(tmp_path):
+    """ZeroTrainer with ``hf_zero.async_save``, save_steps 2, save_total_limit 1: each save
+    returns while its write is in flight (held back 5 s) and training goes on with the losses of
+    a synchronous run; rotation keeps the previous complete checkpoint while the newest is
+    written; ``resume_from_checkpoint=True`` continues the curve; the checkpoint equals the
+    synchronous run's byte for byte."""
+    S = "async_scenarios:trainer_async"
+    sync = launch(2, S, {"stage": 3, "async": False, "output_dir": str(tmp_path / "sync")}, tmp_path / "l1")[0]
+    first = launch(2, S, {"stage": 3, "async": True, "stop_at": 4, "delay": 5.0, "output_dir": str(tmp_path / "a")},
+                   tmp_path / "l2")[0]
+    rest = launch(2, S, {"stage": 3, "async": True, "resume": True, "output_dir": str(tmp_path / "a")},
+                  tmp_path / "l3")[0]
+    assert [s["in_flight"] for s in sync["saves"]] == [False, False, False]
+    assert [s["in_flight"] for s in first["saves"]] == [True, True]
+    for step in (1, 2, 3, 4):
+        assert first["losses"][str(step)] == sync["losses"][str(step)]
+    for step in (5, 6):
+        assert rest["losses"][str(step)] == sync["losses"][str(step)]
+    # the synchronous run keeps 1 folder; the async one keeps the complete previous one as well
+    assert [s["folders"] for s in sync["saves"]] == [["checkpoint-2"], ["checkpoint-4"], ["checkpoint-6"]]
+    assert [s["folders"] for s in first["saves"]] == [["checkpoint-2"], ["checkpoint-2", "checkpoint-4"]]
+    assert [s["folders"] for s in rest["saves"]] == [["checkpoint-4", "checkpoint-6"]]
+    assert first["folders"] == ["checkpoint-4"] and rest["folders"] == ["checkpoint-6"]  # limit applied at the end
+    assert not first["pending_after_train"] and not rest["pending_after_train"]  # train() waited for the write
+    a, s = tmp_path / "a" / "checkpoint-6", tmp_path / "sync" / "checkpoint-6"
+    assert (a / "latest").read_text() == "global_step6"
+    Index.read(a / "global_step6").check_files()
+    rank_files = sorted(p.name for p in (s / "global_step6").glob("rank*.safetensors"))
+    assert len(rank_files) == 2
+    for name in rank_files:
+        assert (a / "global_step6" / name).read_bytes() == (s / "global_step6" / name).read_bytes(), name
+
+
+def test_trainer_resume_true_skips_an_interrupted_async_save(tmp_path):
+    """A crash during checkpoint-6's background write leaves it without an engine checkpoint:
+    resume_from_checkpoint=True picks checkpoint-4."""
+    from hf_zero.integrations.trainer import newest_complete_checkpoint
+
+    for n, complete in ((2, True), (4, True), (6, False)):
+        d = tmp_path / f"checkpoint-{n}"
+        (d / f".partial-global_step{n}").mkdir(parents=True)
+        (d / "trainer_state.json").write_text("{}")
+        if complete:
+            (d / f".partial-global_step{n}").rename(d / f"global_step{n}")
+            (d / f"global_step{n}" / "index.json").write_text("{}")
+            (d / "latest").write_text(f"global_step{n}")
+    assert newest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    (tmp_path / "checkpoint-6" / ".partial-global_step6").rename(tmp_path / "checkpoint-6" / "global_step6")
+    (tmp_path / "checkpoint-6" / "global_step6" / "index.json").write_text("{}")
+    assert newest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
+    assert newest_complete_checkpoint(tmp_path / "none") is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["config", "keyword"])
+def test_accelerate_save_state_async(tmp_path, how):
+    """accelerator.save_state under the plugin honours ``hf_zero.async_save`` (and the
+    ``async_save=True`` keyword): it returns with the write in flight, the loop goes on, and
+    load_state of that checkpoint in a new launch continues exactly as the loop did."""
+    saved = launch(2, "async_scenarios:accelerate_async", {"how": how, "save": str(tmp_path / "state")},
+                   tmp_path / "a")[0]
+    assert saved["in_flight"] is True
+    assert len(saved["losses"]) == 3
+    # integration_scenarios.accelerate_resume: load_state, skip the 4 micro-batches seen, run on
+    rest = launch(2, "integration_scenarios:accelerate_resume", {"stage": 3, "load": str(tmp_path / "state"),
+                                                                 "skip_batches": 4}, tmp_path / "b")[0]
+    assert rest["losses"] == saved["losses"][2:]
+    assert rest["lr"] == saved["lr"] and rest["weights_sum"] == saved["weights_sum"]

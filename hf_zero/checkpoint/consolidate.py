@@ -184,7 +184,9 @@ class _BackgroundCheck:
 
     def _run(self, index: Index) -> None:
         try:
-            index.check_files(verify_hash=True)
+            # through the page cache: the export reads the masters of the same files (mapped),
+            # so each byte comes from the disk once for both readers
+            index.check_files(verify_hash=True, direct=False)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self._error = exc
 

@@ -1,33 +1,48 @@
-"""Safetensors files written and read in one pass, their sha256 computed on the fly.
+"""Safetensors files written and read in one pass at disk speed, their sha256 computed on the fly.
 
 Note:
     * The files are plain safetensors (8-byte little-endian header length, a JSON header padded
       with spaces to a multiple of 8 bytes, then the tensors' bytes back to back in header
       order), so ``safetensors.safe_open`` reads them; the sha256 is that of the whole file, as
       ``format.sha256_of`` computes it: the index format is unchanged.
-    * Writing: every tensor's bytes go to the file straight from the tensor's memory in chunks
-      of ``CHUNK`` bytes (no serialized copy of the file); while chunk i is written (``os.write``
-      releases the GIL) a helper thread hashes it (``hashlib`` releases the GIL too), so hashing
-      costs no pass of its own. The file is fsynced before ``write_file`` returns.
-    * Reading: ``read_file`` reads a whole file into one buffer with ``readinto``, hashing chunk
-      i in a helper thread while chunk i+1 is read; the caller compares the digest with the
-      index before using any byte. Tensors are then views of that buffer (no second copy).
-    * ``hash_file`` is the same read pipeline without keeping the bytes.
+    * Direct I/O (``O_DIRECT``) for files of at least ``DIRECT_MIN`` bytes when the file system
+      accepts it, buffered I/O otherwise (tmpfs, small files). Buffered writes of gigabytes go
+      through the page cache's dirty-page throttling (``balance_dirty_pages``): the writer is
+      paused to the kernel's estimate of the disk's writeback rate and then waits again in
+      ``fsync``; direct writes move each chunk from user memory to the device as ``dd
+      oflag=direct`` does, with nothing left to flush.
+    * Writing (direct): the header and the tensors' bytes are copied, in file order, into
+      ``NBUF`` 4 KiB-aligned staging buffers of ``CHUNK`` bytes (``Tensor.copy_`` releases the
+      GIL). A full buffer is handed to a writer thread (``os.pwrite``) and to a hash thread
+      (``hashlib`` releases the GIL) at once, while the next buffer is filled: copy, write and
+      hash of consecutive chunks overlap, and the hash covers exactly the bytes written. The
+      last chunk is written padded to 4 KiB and the file truncated to its size; then fsynced.
+    * Writing (buffered): each tensor's bytes go to the file straight from the tensor's memory
+      in chunks of ``CHUNK`` bytes, hashed in a helper thread while the next chunk is written;
+      fsynced before ``write_file`` returns.
+    * Reading: ``read_file`` reads a whole file into one 4 KiB-aligned buffer (direct: straight
+      from the device into it), hashing chunk i in a helper thread while chunk i+1 is read; the
+      caller compares the digest with the index before using any byte. Tensors are then views of
+      that buffer (no second copy). ``hash_file`` is the same read pipeline into two buffers.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-CHUNK = 32 << 20
+CHUNK = 32 << 20          # bytes per write / read call and per hash update
+NBUF = 3                  # staging buffers of a direct write (copy, write and hash in flight)
+ALIGN = 4096              # O_DIRECT alignment of memory, file offsets and lengths
+DIRECT_MIN = 16 << 20     # smaller files are written and read through the page cache
 
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -35,17 +50,43 @@ _ST_DTYPES = {
     torch.bool: "BOOL",
 }
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without copying them."""
+def _round_up(n: int, a: int = ALIGN) -> int:
+    return -(-n // a) * a
+
+
+def aligned_bytes(nbytes: int) -> torch.Tensor:
+    """A uint8 CPU tensor of ``nbytes`` whose first byte is 4 KiB-aligned and whose storage
+    extends to the next 4 KiB boundary (a direct read may fill the whole last block)."""
+    raw = torch.empty(_round_up(max(nbytes, 1)) + ALIGN, dtype=torch.uint8)
+    skip = (-raw.data_ptr()) % ALIGN
+    return raw[skip : skip + _round_up(max(nbytes, 1))][:nbytes]
+
+
+def _mv(t: torch.Tensor) -> memoryview:
+    """A writable memoryview of a contiguous uint8 CPU tensor (no copy)."""
+    if t.numel() == 0:
+        return memoryview(bytearray())
+    return memoryview(t.numpy()).cast("B")
+
+
+def _u8(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a tensor as a flat contiguous uint8 CPU tensor (no copy when it already is
+    contiguous on the CPU)."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous().reshape(-1)
     if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+        return torch.empty(0, dtype=torch.uint8)
+    return t.view(torch.uint8)
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without copying them."""
+    return _mv(_u8(t))
 
 
 def _header(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]]) -> bytes:
@@ -76,41 +117,127 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[n:]
 
 
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _open_direct(path: Path, flags: int) -> Optional[int]:
+    """``path`` opened with ``O_DIRECT``, or None where the file system refuses it."""
+    if not _O_DIRECT:
+        return None
+    try:
+        return os.open(str(path), flags | _O_DIRECT, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # e.g. tmpfs
+            return None
+        raise
+
+
 def write_file(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None,
-               fsync: bool = True, hash_bytes: bool = True) -> Tuple[int, Optional[str]]:
+               fsync: bool = True, hash_bytes: bool = True, direct: Optional[bool] = None) -> Tuple[int, Optional[str]]:
     """Write ``tensors`` as a safetensors file at ``path``; returns (size in bytes, sha256 hex or
-    None). OSError (disk full, permissions) propagates with ``filename`` set."""
+    None). ``direct``: None = ``O_DIRECT`` when the file has at least ``DIRECT_MIN`` bytes and
+    the file system accepts it; False = buffered. OSError (disk full, permissions) propagates
+    with ``filename`` set."""
     # widest elements first: every tensor then starts aligned to its element size
     tensors = dict(sorted(tensors.items(), key=lambda kv: -kv[1].element_size()))
     header = _header(tensors, metadata)
-    views = [_bytes_of(t) for t in tensors.values()]
+    sources = [_u8(t) for t in tensors.values()]
+    total = len(header) + sum(s.numel() for s in sources)
+    try:
+        sha, done = None, False
+        fd = None
+        if direct is not False and (direct or total >= DIRECT_MIN):
+            fd = _open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        if fd is not None:
+            try:
+                sha = _write_direct(fd, header, sources, total, hash_bytes)
+                if fsync:
+                    os.fsync(fd)
+                done = True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: O_DIRECT opened, direct transfers refused
+                    raise
+            finally:
+                os.close(fd)
+        if not done:
+            sha = _write_buffered(path, header, sources, fsync, hash_bytes)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+    return total, sha
+
+
+def _write_buffered(path: Path, header: bytes, sources: List[torch.Tensor], fsync: bool,
+                    hash_bytes: bool) -> Optional[str]:
     h = hashlib.sha256() if hash_bytes else None
-    size = len(header)
     fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        try:
-            _write_all(fd, memoryview(header))
-            if h is not None:
-                h.update(header)
-            with ThreadPoolExecutor(1, thread_name_prefix="hf_zero-hash") as pool:
-                pending = None
-                for chunk in _chunks(views):
-                    if pending is not None:
-                        pending.result()
-                    pending = pool.submit(h.update, chunk) if h is not None else None
-                    _write_all(fd, chunk)
-                    size += len(chunk)
+        _write_all(fd, memoryview(header))
+        if h is not None:
+            h.update(header)
+        with ThreadPoolExecutor(1, thread_name_prefix="hf_zero-hash") as pool:
+            pending = None
+            for chunk in _chunks([_mv(s) for s in sources]):
                 if pending is not None:
                     pending.result()
-            if fsync:
-                os.fsync(fd)
-        except OSError as exc:
-            if exc.filename is None:
-                exc.filename = str(path)
-            raise
+                pending = pool.submit(h.update, chunk) if h is not None else None
+                _write_all(fd, chunk)
+            if pending is not None:
+                pending.result()
+        if fsync:
+            os.fsync(fd)
     finally:
         os.close(fd)
-    return size, (h.hexdigest() if h is not None else None)
+    return h.hexdigest() if h is not None else None
+
+
+def _write_direct(fd: int, header: bytes, sources: List[torch.Tensor], total: int,
+                  hash_bytes: bool) -> Optional[str]:
+    """The direct-I/O pipeline (see the module note): fill staging buffer k while buffers k-1,
+    k-2 are written and hashed."""
+    h = hashlib.sha256() if hash_bytes else None
+    stages = [aligned_bytes(CHUNK) for _ in range(min(NBUF, max(1, -(-total // CHUNK))))]
+    views = [_mv(s) for s in stages]
+    busy: List[List[Future]] = [[] for _ in stages]
+    with ThreadPoolExecutor(1, thread_name_prefix="hf_zero-write") as writer, \
+            ThreadPoolExecutor(1, thread_name_prefix="hf_zero-hash") as hasher:
+        k, fill, offset = 0, 0, 0  # staging buffer being filled, bytes in it, file offset of it
+
+        def emit(n: int) -> None:
+            nonlocal k, fill, offset
+            mv = views[k]
+            if n < CHUNK:
+                stages[k][n : _round_up(n)].zero_()  # the padding of the last block (truncated)
+            busy[k] = [writer.submit(_pwrite_all, fd, mv[: _round_up(n)], offset)]
+            if h is not None:
+                busy[k].append(hasher.submit(h.update, mv[:n]))
+            offset += n
+            k, fill = (k + 1) % len(stages), 0
+            for fut in busy[k]:  # the next buffer to fill must be written and hashed
+                fut.result()
+            busy[k] = []
+
+        head = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+        for src in [head] + sources:
+            pos, n = 0, src.numel()
+            while pos < n:
+                take = min(CHUNK - fill, n - pos)
+                stages[k][fill : fill + take].copy_(src[pos : pos + take])
+                fill, pos = fill + take, pos + take
+                if fill == CHUNK:
+                    emit(fill)
+        if fill:
+            emit(fill)
+        for futs in busy:
+            for fut in futs:
+                fut.result()
+    if offset % ALIGN:
+        os.ftruncate(fd, total)
+    return h.hexdigest() if h is not None else None
 
 
 def _read_into(f, out: memoryview) -> int:
@@ -123,49 +250,103 @@ def _read_into(f, out: memoryview) -> int:
     return got
 
 
-def read_file(path: Path, hash_bytes: bool = True) -> Tuple[torch.Tensor, Optional[str]]:
+def _pread_into(fd: int, out: memoryview, offset: int, expect: int) -> int:
+    """Read at least ``expect`` bytes (at most ``len(out)``) into ``out`` from ``offset``, fewer
+    if the file ends first. Direct: ``out`` and ``offset`` are 4 KiB-aligned and ``len(out)``
+    a 4 KiB multiple; a file's data comes in whole blocks until its last one, so every call
+    starts aligned."""
+    got = 0
+    while got < expect:
+        n = os.preadv(fd, [out[got:]], offset + got)
+        if not n:
+            break
+        got += n
+    return got
+
+
+class _Source:
+    """A file opened for one sequential pass: direct when possible (``read(out, offset)``)."""
+
+    def __init__(self, path: Path, size: int, direct: Optional[bool]):
+        self.fd = None
+        if direct is not False and (direct or size >= DIRECT_MIN):
+            self.fd = _open_direct(path, os.O_RDONLY)
+        self.direct = self.fd is not None
+        if self.fd is None:
+            self.fd = os.open(str(path), os.O_RDONLY)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def read_file(path: Path, hash_bytes: bool = True, direct: Optional[bool] = None) -> Tuple[torch.Tensor, Optional[str]]:
     """The whole file as a uint8 tensor, and its sha256 (hashed while it is read)."""
+    try:
+        return _read_file(path, hash_bytes, direct)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL or direct is False:  # EINVAL: O_DIRECT opened, transfers refused
+            raise
+        return _read_file(path, hash_bytes, False)
+
+
+def _read_file(path: Path, hash_bytes: bool, direct: Optional[bool]) -> Tuple[torch.Tensor, Optional[str]]:
     size = os.stat(path).st_size
-    buf = torch.empty(size, dtype=torch.uint8)
-    view = memoryview(buf.numpy()).cast("B") if size else memoryview(bytearray())
+    buf = aligned_bytes(size)
+    whole = _mv(buf.as_strided((_round_up(max(size, 1)),), (1,)))  # the last block may be filled
     h = hashlib.sha256() if hash_bytes else None
-    with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(1, thread_name_prefix="hf_zero-hash") as pool:
-        pending = None
-        pos = 0
-        while pos < size:
-            chunk = view[pos : min(size, pos + CHUNK)]
-            n = _read_into(f, chunk)
+    src = _Source(Path(path), size, direct)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="hf_zero-hash") as pool:
+            pending, pos = None, 0
+            while pos < size:
+                want = min(CHUNK, _round_up(size - pos))
+                n = min(_pread_into(src.fd, whole[pos : pos + want], pos, min(CHUNK, size - pos)), size - pos)
+                if pending is not None:
+                    pending.result()
+                if n <= 0:
+                    break
+                pending = pool.submit(h.update, whole[pos : pos + n]) if h is not None else None
+                pos += n
             if pending is not None:
                 pending.result()
-            if n == 0:
-                break
-            pending = pool.submit(h.update, chunk[:n]) if h is not None else None
-            pos += n
-        if pending is not None:
-            pending.result()
+    finally:
+        src.close()
     if pos != size:
         buf = buf[:pos]
     return buf, (h.hexdigest() if h is not None else None)
 
 
-def hash_file(path: Path) -> str:
+def hash_file(path: Path, direct: Optional[bool] = None) -> str:
     """sha256 of a file, reading chunk i+1 while chunk i is hashed (two buffers)."""
+    try:
+        return _hash_file(path, direct)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL or direct is False:
+            raise
+        return _hash_file(path, False)
+
+
+def _hash_file(path: Path, direct: Optional[bool]) -> str:
     h = hashlib.sha256()
-    bufs = [bytearray(CHUNK), bytearray(CHUNK)]
-    with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(1, thread_name_prefix="hf_zero-hash") as pool:
-        pending = None
-        i = 0
-        while True:
-            mv = memoryview(bufs[i % 2])
-            n = _read_into(f, mv)
+    size = os.stat(path).st_size
+    bufs = [_mv(aligned_bytes(CHUNK)) for _ in range(2)]
+    src = _Source(Path(path), size, direct)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="hf_zero-hash") as pool:
+            pending, pos, i = None, 0, 0
+            while True:
+                mv = bufs[i % 2]
+                n = _pread_into(src.fd, mv, pos, min(len(mv), size - pos))
+                if pending is not None:
+                    pending.result()
+                if n <= 0:
+                    break
+                pending = pool.submit(h.update, mv[:n])
+                pos, i = pos + n, i + 1
             if pending is not None:
                 pending.result()
-            if n == 0:
-                break
-            pending = pool.submit(h.update, mv[:n])
-            i += 1
-        if pending is not None:
-            pending.result()
+    finally:
+        src.close()
     return h.hexdigest()
 
 

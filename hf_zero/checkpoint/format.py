@@ -54,11 +54,12 @@ def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def hash_file(path: Path) -> str:
-    """sha256 of a file, the next chunk read while the last is hashed (see fastio)."""
+def hash_file(path: Path, direct: Optional[bool] = None) -> str:
+    """sha256 of a file, the next chunk read while the last is hashed (see fastio; ``direct``
+    False reads through the page cache, so that other readers of the file share the pages)."""
     from .fastio import hash_file as pipelined
 
-    return pipelined(path)
+    return pipelined(path, direct=direct)
 
 
 def fsync_path(path: Path) -> None:
@@ -184,7 +185,8 @@ class Index:
         q = element // flat.shard_numel
         return q, element - q * flat.shard_numel
 
-    def check_files(self, which: Optional[List[str]] = None, verify_hash: bool = True) -> None:
+    def check_files(self, which: Optional[List[str]] = None, verify_hash: bool = True,
+                    direct: Optional[bool] = None) -> None:
         """Raise CheckpointError naming the first missing, truncated or altered file."""
         for name, meta in self.files.items():
             if which is not None and name not in which:
@@ -195,7 +197,7 @@ class Index:
             size = path.stat().st_size
             if size != meta["size"]:
                 raise CheckpointError(f"{path}: {size} bytes on disk, the index says {meta['size']} (truncated?)")
-            if verify_hash and hash_file(path) != meta["sha256"]:
+            if verify_hash and hash_file(path, direct) != meta["sha256"]:
                 raise CheckpointError(f"{path}: sha256 differs from the index (the file was altered or corrupted)")
 
 

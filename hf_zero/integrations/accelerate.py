@@ -438,11 +438,18 @@ class ZeroAccelerator(Accelerator):
             unwrapped.save_pretrained(save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
         self.wait_for_everyone()
 
-    def save_state(self, output_dir: Optional[str] = None, safe_serialization: bool = True, **kwargs):
+    def save_state(self, output_dir: Optional[str] = None, safe_serialization: bool = True,
+                   async_save: Optional[bool] = None, **kwargs):
         """Under ZeRO: the engine's sharded checkpoint (see docs/checkpoints.md) in ``output_dir``,
-        with the schedulers and Accelerate's step counter as its client state."""
+        with the schedulers and Accelerate's step counter as its client state. ``async_save``
+        (default: the config's ``hf_zero.async_save``): return once the shards are in host
+        memory, the files being written in the background (``zero_engine.wait_for_checkpoint()``
+        waits; the next ``save_state`` / ``load_state`` waits first)."""
         if self.zero_engine is not None:
-            return self._zero_save_state(output_dir)
+            return self._zero_save_state(output_dir, async_save)
+        if async_save:
+            raise ValueError("save_state(async_save=True) needs the hf_zero engine (accelerator.prepare the "
+                             "model under a ZeroPlugin first); stock Accelerate saves synchronously")
         return super().save_state(output_dir, safe_serialization=safe_serialization, **kwargs)
 
     def load_state(self, input_dir: Optional[str] = None, **kwargs):
@@ -450,12 +457,12 @@ class ZeroAccelerator(Accelerator):
             return self._zero_load_state(input_dir)
         return super().load_state(input_dir, **kwargs)
 
-    def _zero_save_state(self, output_dir: Optional[str]):
+    def _zero_save_state(self, output_dir: Optional[str], async_save: Optional[bool] = None):
         if output_dir is None:
             raise ValueError("save_state under ZeRO needs an output_dir")
         client = {"accelerate_step": self.step,
                   "schedulers": [s.state_dict() for s in self._schedulers]}
-        self.zero_engine.save_checkpoint(output_dir, client_state=client)
+        self.zero_engine.save_checkpoint(output_dir, client_state=client, async_save=async_save)
         self.wait_for_everyone()
         return output_dir
 

@@ -318,6 +318,46 @@ class ZeroTrainerMixin:
         self._save(output_dir, state_dict=state_dict)
         self.accelerator.wait_for_everyone()
 
+    def _zero_async(self) -> bool:
+        engine = self.zero_engine
+        return engine is not None and bool(engine.config.hf_zero.async_save)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """With ``hf_zero.async_save`` the newest ``checkpoint-N`` is still being written when the
+        Trainer rotates folders: rotation then keeps one folder more than ``save_total_limit``,
+        so the previous (complete) checkpoint survives a crash during the background write. The
+        engine waits for the previous background write before starting this one, so every folder
+        but the newest is complete; the surplus folder goes at the next save or at the end of
+        ``train``."""
+        if not self._zero_async():
+            return super()._save_checkpoint(model, trial)
+        limit = self.args.save_total_limit
+        if limit is not None and limit > 0:
+            self.args.save_total_limit = limit + 1
+        try:
+            return super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``resume_from_checkpoint=True`` resumes from the newest ``checkpoint-N`` whose engine
+        checkpoint is complete (an asynchronous save interrupted by a crash leaves a newer folder
+        without one). At the end, a background save still running is waited for, its failure
+        raised, and ``save_total_limit`` applied."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        result = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self._zero_async():
+            self.zero_engine.wait_for_checkpoint()  # collective: all ranks end train() here
+            if self.args.should_save and self.args.save_total_limit:
+                from transformers.trainer_utils import rotate_checkpoints
+
+                rotate_checkpoints(output_dir=self.args.output_dir, save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        return result
+
     def _save_optimizer_and_scheduler(self, output_dir):
         engine = self.zero_engine
         if engine is None:
@@ -380,6 +420,30 @@ class ZeroTrainerMixin:
         if self.zero_engine is not None:
             return None
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def newest_complete_checkpoint(output_dir) -> Optional[str]:
+    """The newest ``checkpoint-N`` folder of ``output_dir`` that holds no interrupted save: a
+    ``.partial-<tag>`` directory without a complete ``<tag>`` (one with ``index.json``) beside it
+    is an asynchronous save that never finished (see docs/checkpoints.md). None if none."""
+    import re
+
+    from ..checkpoint.format import INDEX
+
+    found = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        m = re.fullmatch(r"checkpoint-(\d+)", name)
+        if m and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(m.group(1)), os.path.join(output_dir, name)))
+    for _, path in sorted(found, reverse=True):
+        interrupted = [n for n in os.listdir(path) if n.startswith(".partial-")
+                       and not os.path.isfile(os.path.join(path, n[len(".partial-"):], INDEX))]
+        if interrupted:
+            logger.warning("%s: skipped, its checkpoint %s was never completed (interrupted save)",
+                           path, interrupted[0][len(".partial-"):])
+            continue
+        return path
+    return None
 
 
 class ZeroTrainer(ZeroTrainerMixin, Trainer):
