@@ -24,17 +24,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_engine as BE  # noqa: E402  (model, data, schedule and machine facts shared with it)
+import _bench as H  # noqa: E402  (launcher, timing schedule, statistics, machine header)
+import bench_engine as BE  # noqa: E402  (bench_engine.py's model, data and run options)
 
 
 #: model shapes: ``engine`` is bench_engine.py's (its argument defaults), ``quick`` a small one
@@ -105,22 +103,18 @@ def worker(args) -> None:
         if v.steps == 0:
             counters.clear()
         graphs_before = counters_now()["graphs"]
-        dist.barrier()
-        t0 = time.perf_counter()
-        loss = v.step(batches[v.steps])
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the slowest rank's step (not timed itself)
+        loss, dt = H.timed_step(lambda: v.step(batches[v.steps]))  # the slowest rank's step
         losses[k].append(loss)
         if v.steps == 1:
-            first[k] = float(dt)
+            first[k] = dt
             compile_stats[k] = counters_now()
         else:
             recompiles[k] += counters_now()["graphs"] - graphs_before
         if timed:
-            times[k].append(float(dt))
+            times[k].append(dt)
 
     t_start = time.perf_counter()
-    BE.run_rounds(keys, run, times, args, say, "bench_compile", t_start)
+    H.run_rounds(keys, run, times, args, say, "bench_compile", t_start)
     result = {"rank": rank, "world_size": world, "wall_s": time.perf_counter() - t_start,
               "variants": {k: {"step_times_s": times[k], "train_losses": losses[k], "first_step_s": first[k],
                                "is_compiled": variants[k].engine.is_compiled,
@@ -135,34 +129,11 @@ def worker(args) -> None:
 
 
 def launch(args, out_dir: Path) -> list:
-    port = BE.free_port()
-    procs = []
-    for rank in range(args.world_size):
-        env = dict(os.environ)
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.world_size),
-                   LOCAL_WORLD_SIZE=str(args.world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-                   PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:],
-                                       "--_role", "worker", "--_out", str(out_dir)], env=env))
-    deadline = time.time() + args.timeout
-    failed = []
-    try:
-        for rank, p in enumerate(procs):
-            try:
-                rc = p.wait(timeout=max(1.0, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-            if rc != 0:
-                failed.append((rank, rc))
-                break
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    procs = H.spawn_ranks(H.worker_cmd(__file__, *sys.argv[1:], "--_role", "worker", "--_out", out_dir),
+                          args.world_size, args.threads)
+    failed = H.wait_ranks(procs, args.timeout)
     if failed:
-        raise SystemExit(f"bench_compile: the launch failed on rank(s) {failed}")
+        raise SystemExit(f"bench_compile: the launch failed on rank(s) {[failed]}")
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(args.world_size)]
 
 
@@ -175,7 +146,7 @@ def summarize(args, ranks, machine, load_start, load_end) -> dict:
         rows.append({
             "stage": s,
             "eager_median_s": me, "compiled_median_s": mc, "compiled_over_eager": mc / me,
-            "eager_p90_s": BE.percentile(e["step_times_s"], 0.9), "compiled_p90_s": BE.percentile(c["step_times_s"], 0.9),
+            "eager_p90_s": H.percentile(e["step_times_s"], 0.9), "compiled_p90_s": H.percentile(c["step_times_s"], 0.9),
             "eager_first_step_s": e["first_step_s"], "compiled_first_step_s": c["first_step_s"],
             "graph_breaks": c["graph_breaks"], "graphs": c["graphs"], "is_compiled": c["is_compiled"],
             "recompiles_after_first_step": max(rk["variants"][f"{s}-compiled"]["recompiles"] for rk in ranks),
@@ -220,15 +191,13 @@ def main() -> None:
     if args._role == "worker":
         worker(args)
         return
-    machine, load_start = BE.machine_info(), BE.loadavg()
+    machine, load_start = H.machine_info(), H.loadavg()
     print(f"[bench_compile] {machine['cpu_model']}, load average {load_start}, backend {args.backend}, "
           f"shape {args.shape}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         ranks = launch(args, Path(tmp))
-    summary = summarize(args, ranks, machine, load_start, BE.loadavg())
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1))
+    summary = summarize(args, ranks, machine, load_start, H.loadavg())
+    out = H.write_json(args.json, summary, indent=1)
     print(table(summary))
     print("graphs compiled after each compiled variant's first step (recompiles): "
           + ", ".join(f"stage {r['stage']} {r['recompiles_after_first_step']}" for r in summary["rows"]), flush=True)

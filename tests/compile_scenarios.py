@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from models import batches, build, grouped_params, make_optimizer
+from models import batches, build, grouped_params, make_optimizer, reference_run
+from scenarios import run_steps
 
 #: the reason hf_zero's unit hooks carry (hf_zero/engine/stages.py, ``_eager``)
 HOOK_REASON = "hf_zero unit hooks run eagerly"
@@ -65,18 +66,10 @@ def engine_case(case: dict, rank: int, world: int):
         engine.module.compile(backend=backend)
     elif case["how"] == "engine":
         engine.compile(backend=backend)
-    losses, after_first = [], None
-    for step in batches(case.get("steps", 3), 2, world):
-        total = 0.0
-        for micro in step:
-            loss = engine(**micro[rank]).loss
-            engine.backward(loss)
-            engine.step()
-            total += loss.item()
-        losses.append(total / len(step))
-        if after_first is None:
-            after_first = compile_counters()
-    return engine, losses, after_first, compile_counters()
+    seen = []  # the counters after every optimizer step
+    losses = run_steps(engine, batches(case.get("steps", 3), 2, world), rank,
+                       between=lambda: seen.append(compile_counters()))
+    return engine, losses, seen[0], compile_counters()
 
 
 def case_name(case: dict) -> str:
@@ -108,22 +101,8 @@ def unsharded_run(opt_kind: str, world: int, backend=None, steps: int = 3, clip:
     """The single-process run on the same global batches as ``engine_case`` (tests/models.py's
     reference loop), eager or compiled with ``backend``; returns (model, losses, counters)."""
     reset_compile()
-    model = build("llama")
-    opt = make_optimizer(opt_kind, grouped_params(model))
-    run = model if backend is None else torch.compile(model, backend=backend)
-    losses = []
-    for step in batches(steps, 2, world):
-        n = len(step) * len(step[0])
-        total = 0.0
-        for micro in step:
-            for b in micro:
-                loss = run(**b).loss
-                (loss / n).backward()
-                total += loss.item() / n
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip)
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
+    wrap = None if backend is None else (lambda m: torch.compile(m, backend=backend))
+    model, losses = reference_run("llama", opt_kind, batches(steps, 2, world), clip, wrap=wrap)
     counters = compile_counters()
     reset_compile()
     return model, losses, counters
