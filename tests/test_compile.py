@@ -62,13 +62,18 @@ def _weights(out, case):
     return load_file(str(out / f"{C.case_name(case)}.safetensors"))
 
 
-@pytest.mark.parametrize("case", CASES, ids=C.case_name)
-def test_compiled_engine_matches_eager_engine_bit_for_bit(run, case):
-    out, results = run
+def _assert_same_as_eager_twin(out, case):
+    """The compiled case's final weights equal its eager twin's bit for bit."""
     got, eager = _weights(out, case), _weights(out, _eager_twin(case))
     assert set(got) == set(eager)
     for k in eager:
         assert torch.equal(got[k], eager[k]), f"{k}: max diff {(got[k] - eager[k]).abs().max().item()}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=C.case_name)
+def test_compiled_engine_matches_eager_engine_bit_for_bit(run, case):
+    out, results = run
+    _assert_same_as_eager_twin(out, case)
     for r in range(WORLD):
         assert results[r][C.case_name(case)]["losses"] == results[r][C.case_name(_eager_twin(case))]["losses"]
 
@@ -230,10 +235,7 @@ def mixed_run(tmp_path_factory):
 @pytest.mark.parametrize("case", MIXED, ids=C.case_name)
 def test_compiled_mixed_precision_and_offload_match_eager_engine(mixed_run, case):
     out, results = mixed_run
-    got, eager = _weights(out, case), _weights(out, _eager_twin(case))
-    assert set(got) == set(eager)
-    for k in eager:
-        assert torch.equal(got[k], eager[k]), f"{k}: max diff {(got[k] - eager[k]).abs().max().item()}"
+    _assert_same_as_eager_twin(out, case)
     for r in range(WORLD):
         res, ref = results[r][C.case_name(case)], results[r][C.case_name(_eager_twin(case))]
         assert res["is_compiled"] and not ref["is_compiled"]
