@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Benchmark torch.compile under hf_zero: eager vs compiled step time at stages 0-3, in one run.
 
-    python scripts/bench_compile.py                 # bench_engine.py's 27.7M Llama, inductor
-    python scripts/bench_compile.py --quick         # a small model, a couple of minutes
+    python scripts/bench_compile.py                 # bench_engine.py's 27.7M Llama (--shape engine), inductor
+    python scripts/bench_compile.py --quick         # a small model (--shape quick), a couple of minutes
     python scripts/bench_compile.py --backend aot_eager
 
 This file is both the launcher and the worker (``--world-size`` gloo processes, OMP_NUM_THREADS
@@ -24,17 +24,19 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_engine as BE  # noqa: E402  (model, data, schedule and machine facts shared with it)
+import _bench as H  # noqa: E402  (launcher, timing schedule, statistics, machine header)
+import bench_engine as BE  # noqa: E402  (bench_engine.py's model, data and run options)
+
+
+#: model shapes: ``engine`` is bench_engine.py's (its argument defaults), ``quick`` a small one
+SHAPES = ("engine", "quick")
 
 
 def variant_keys(stages) -> list:
@@ -92,6 +94,7 @@ def worker(args) -> None:
     losses = {k: [] for k in keys}
     first = {}
     compile_stats = {}
+    recompiles = {k: 0 for k in keys}  # graphs compiled during a variant's steps after its first
 
     def run(k: str, timed: bool) -> None:
         from torch._dynamo.utils import counters
@@ -99,23 +102,23 @@ def worker(args) -> None:
         v = variants[k]
         if v.steps == 0:
             counters.clear()
-        dist.barrier()
-        t0 = time.perf_counter()
-        loss = v.step(batches[v.steps])
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the slowest rank's step (not timed itself)
+        graphs_before = counters_now()["graphs"]
+        loss, dt = H.timed_step(lambda: v.step(batches[v.steps]))  # the slowest rank's step
         losses[k].append(loss)
         if v.steps == 1:
-            first[k] = float(dt)
+            first[k] = dt
             compile_stats[k] = counters_now()
+        else:
+            recompiles[k] += counters_now()["graphs"] - graphs_before
         if timed:
-            times[k].append(float(dt))
+            times[k].append(dt)
 
     t_start = time.perf_counter()
-    BE.run_rounds(keys, run, times, args, say, "bench_compile", t_start)
+    H.run_rounds(keys, run, times, args, say, "bench_compile", t_start)
     result = {"rank": rank, "world_size": world, "wall_s": time.perf_counter() - t_start,
               "variants": {k: {"step_times_s": times[k], "train_losses": losses[k], "first_step_s": first[k],
-                               "is_compiled": variants[k].engine.is_compiled, **compile_stats[k]}
+                               "is_compiled": variants[k].engine.is_compiled,
+                               "recompiles": recompiles[k], **compile_stats[k]}
                            for k in keys}}
     (Path(args._out) / f"rank{rank}.json").write_text(json.dumps(result))
     for v in variants.values():
@@ -126,34 +129,11 @@ def worker(args) -> None:
 
 
 def launch(args, out_dir: Path) -> list:
-    port = BE.free_port()
-    procs = []
-    for rank in range(args.world_size):
-        env = dict(os.environ)
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.world_size),
-                   LOCAL_WORLD_SIZE=str(args.world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-                   PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:],
-                                       "--_role", "worker", "--_out", str(out_dir)], env=env))
-    deadline = time.time() + args.timeout
-    failed = []
-    try:
-        for rank, p in enumerate(procs):
-            try:
-                rc = p.wait(timeout=max(1.0, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-            if rc != 0:
-                failed.append((rank, rc))
-                break
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    procs = H.spawn_ranks(H.worker_cmd(__file__, *sys.argv[1:], "--_role", "worker", "--_out", out_dir),
+                          args.world_size, args.threads)
+    failed = H.wait_ranks(procs, args.timeout)
     if failed:
-        raise SystemExit(f"bench_compile: the launch failed on rank(s) {failed}")
+        raise SystemExit(f"bench_compile: the launch failed on rank(s) {[failed]}")
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(args.world_size)]
 
 
@@ -166,9 +146,10 @@ def summarize(args, ranks, machine, load_start, load_end) -> dict:
         rows.append({
             "stage": s,
             "eager_median_s": me, "compiled_median_s": mc, "compiled_over_eager": mc / me,
-            "eager_p90_s": BE.percentile(e["step_times_s"], 0.9), "compiled_p90_s": BE.percentile(c["step_times_s"], 0.9),
+            "eager_p90_s": H.percentile(e["step_times_s"], 0.9), "compiled_p90_s": H.percentile(c["step_times_s"], 0.9),
             "eager_first_step_s": e["first_step_s"], "compiled_first_step_s": c["first_step_s"],
             "graph_breaks": c["graph_breaks"], "graphs": c["graphs"], "is_compiled": c["is_compiled"],
+            "recompiles_after_first_step": max(rk["variants"][f"{s}-compiled"]["recompiles"] for rk in ranks),
             "max_train_loss_diff": max(abs(a - b) for rk in ranks
                                        for a, b in zip(rk["variants"][f"{s}-eager"]["train_losses"],
                                                        rk["variants"][f"{s}-compiled"]["train_losses"])),
@@ -192,7 +173,9 @@ def table(summary) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     BE.add_run_args(ap, rounds=4)
-    ap.add_argument("--quick", action="store_true", help="a small model and fewer rounds")
+    ap.add_argument("--quick", action="store_true", help="a small model and fewer rounds (= --shape quick)")
+    ap.add_argument("--shape", choices=SHAPES, default="engine",
+                    help="engine: bench_engine.py's 27.7M Llama (its defaults); quick: hidden 128, 2 layers, vocab 1024")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
     ap.add_argument("--stages", default="0,1,2,3")
     ap.add_argument("--world-size", type=int, default=2)
@@ -202,19 +185,22 @@ def main() -> None:
     ap.add_argument("--_out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
+        args.shape = "quick"
+    if args.shape == "quick":
         args.hidden, args.intermediate, args.layers, args.vocab, args.rounds = 128, 352, 2, 1024, 2
     if args._role == "worker":
         worker(args)
         return
-    machine, load_start = BE.machine_info(), BE.loadavg()
-    print(f"[bench_compile] {machine['cpu_model']}, load average {load_start}, backend {args.backend}", flush=True)
+    machine, load_start = H.machine_info(), H.loadavg()
+    print(f"[bench_compile] {machine['cpu_model']}, load average {load_start}, backend {args.backend}, "
+          f"shape {args.shape}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         ranks = launch(args, Path(tmp))
-    summary = summarize(args, ranks, machine, load_start, BE.loadavg())
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1))
+    summary = summarize(args, ranks, machine, load_start, H.loadavg())
+    out = H.write_json(args.json, summary, indent=1)
     print(table(summary))
+    print("graphs compiled after each compiled variant's first step (recompiles): "
+          + ", ".join(f"stage {r['stage']} {r['recompiles_after_first_step']}" for r in summary["rows"]), flush=True)
     print(f"commit {machine['git_commit']}, load average {load_start} -> {summary['loadavg_end']}; "
           f"figures in {out}", flush=True)
 

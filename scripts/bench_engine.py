@@ -35,91 +35,37 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import (  # noqa: E402,F401  (stdlib-only at import time; re-exported for bench_peers/bench_compile)
+    MB,
+    REPO,
+    free_port,
+    loadavg,
+    machine_info,
+    markdown_table,
+    per_rank,
+    percentile,
+    proc_status_kb,
+    run_rounds,
+    spawn_ranks,
+    wait_ranks,
+    worker_cmd,
+    write_json,
+)
+
 VARIANTS = ("ddp", "0", "1", "2", "3")
-MB = 1e6
 
 
 # ---------------------------------------------------------------------------------- helpers
 def variant_name(v: str) -> str:
     return "torch DDP" if v == "ddp" else f"hf_zero stage {v}"
-
-
-def proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def machine_info() -> dict:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    mem_total = None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    mem_total = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import torch
-    import transformers
-
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "hf_zero_uncommitted_changes": bool(git("status", "--porcelain", "--", "hf_zero")),
-        "cpu_model": model,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": usable,
-        "mem_total_bytes": mem_total,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
-def loadavg() -> str:
-    try:
-        return open("/proc/loadavg").read().strip()
-    except OSError:
-        return "n/a"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------- worker
@@ -345,57 +291,13 @@ def worker(args) -> None:
 
 # ---------------------------------------------------------------------------------- launcher
 def launch(args, role: str, variants: str, out_dir: Path) -> list:
-    port = free_port()
-    world = args.world_size
-    argv = [a for a in sys.argv[1:]]
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ)
-        env.update(
-            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-            OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-            PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
-        )
-        cmd = [sys.executable, str(Path(__file__).resolve()), *argv,
-               "--variants", variants, "--_role", role, "--_out", str(out_dir)]
-        procs.append(subprocess.Popen(cmd, env=env))
-    deadline = time.time() + args.timeout
-    failed = []
-    try:
-        for rank, p in enumerate(procs):
-            try:
-                rc = p.wait(timeout=max(1.0, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-            if rc != 0:
-                failed.append((rank, rc))
-                break
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    procs = spawn_ranks(worker_cmd(__file__, *sys.argv[1:], "--variants", variants, "--_role", role,
+                                   "--_out", out_dir), args.world_size, args.threads)
+    failed = wait_ranks(procs, args.timeout)
     if failed:
-        raise SystemExit(f"bench_engine: {role} launch ({variants}) failed on rank(s) {failed}")
+        raise SystemExit(f"bench_engine: {role} launch ({variants}) failed on rank(s) {[failed]}")
     keys = "-".join(variants.split(","))
-    return [json.loads((out_dir / f"{role}-{keys}-rank{r}.json").read_text()) for r in range(world)]
-
-
-def percentile(xs, q):
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    pos = (len(xs) - 1) * q
-    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def per_rank(values, scale=MB, fmt="{:.1f}") -> str:
-    if any(v is None for v in values):
-        return "n/a"
-    vals = [fmt.format(v / scale) for v in values]
-    return vals[0] if len(set(vals)) == 1 else " / ".join(vals)
+    return [json.loads((out_dir / f"{role}-{keys}-rank{r}.json").read_text()) for r in range(args.world_size)]
 
 
 def summarize(args, main_ranks, rss_ranks, machine, load_start, load_end) -> dict:
@@ -493,11 +395,7 @@ def render(summary: dict) -> str:
             f"{e['eval_loss']:.6f}",
             per_rank(e["peak_rss_bytes_per_rank"], fmt="{:.0f}"),
         ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(rows[0], widths)) + " |")
-    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows[1:]:
-        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+    lines += markdown_table(rows)
     lines.append("")
     n_timed = len(next(iter(summary["variants"].values()))["step_times_s"])
     lines.append(
@@ -531,23 +429,6 @@ def render(summary: dict) -> str:
             f" (formula {e['formula_comm_bytes_per_step'] / MB:.2f})"
         )
     return "\n".join(lines)
-
-
-def run_rounds(keys, run, times, args, say, tag: str, t_start: float) -> None:
-    """The timing schedule shared with bench_peers.py: ``args.warmup`` untimed steps per variant,
-    then ``args.rounds`` rounds of ``args.steps_per_round`` timed steps each, the variant order
-    rotating every round so machine noise hits all variants alike."""
-    for _ in range(args.warmup):
-        for k in keys:
-            run(k, timed=False)
-    say(f"[{tag}] warm-up done ({args.warmup} step(s) per variant, {time.perf_counter() - t_start:.1f}s)")
-    for r in range(args.rounds):
-        order = keys[r % len(keys):] + keys[: r % len(keys)]
-        for k in order:
-            for _ in range(args.steps_per_round):
-                run(k, timed=True)
-        say(f"[{tag}] round {r + 1}/{args.rounds} ({time.perf_counter() - t_start:.0f}s); median so far: "
-            + ", ".join(f"{k}={statistics.median(times[k]):.3f}s" for k in keys))
 
 
 def add_run_args(ap: argparse.ArgumentParser, *, rounds: int) -> None:
@@ -618,9 +499,7 @@ def main() -> None:
     table = render(summary)
     summary["table"] = table
     print(table)
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2))
+    path = write_json(args.json, summary)
     print(f"\nwrote {path} (total {summary['total_wall_s']:.0f}s)")
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Side-by-side benchmark: torch DDP, torch FSDP2, DeepSpeed ZeRO and hf_zero on one model.
 
-The file is its own launcher and worker, like ``scripts/bench_engine.py`` (whose helpers it
-imports: the model, the batches, the machine description, the table helpers):
+The file is its own launcher and worker, like ``scripts/bench_engine.py`` (whose model and
+batches it imports; the launcher, machine description and table helpers are scripts/_bench.py's):
 
     python scripts/bench_peers.py                      # full run
     python scripts/bench_peers.py --quick              # smoke run
@@ -71,19 +71,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import (  # noqa: E402  (stdlib-only at import time)
+from _bench import (  # noqa: E402  (stdlib-only at import time)
     MB,
-    add_run_args,
-    run_rounds,
-    build_model,
-    free_port,
     loadavg,
     machine_info,
-    make_batches,
+    markdown_table,
     per_rank,
     percentile,
     proc_status_kb,
+    run_rounds,
+    spawn_ranks,
+    wait_ranks,
+    worker_cmd,
+    write_json,
 )
+from bench_engine import add_run_args, build_model, make_batches  # noqa: E402  (the same model and data)
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ("ddp", "fsdp2", "fsdp2-noreshard", "ds1", "ds2", "ds3", "ds2-offload",
@@ -508,41 +510,15 @@ def worker(args) -> None:
 
 # ------------------------------------------------------------------------- launcher
 def launch(args, role: str, variants: str, out_dir: Path, extra_env=None) -> list:
-    port = free_port()
-    procs = []
-    for rank in range(args.world_size):
-        env = dict(os.environ)
-        env.update(
-            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.world_size),
-            LOCAL_WORLD_SIZE=str(args.world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-            OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-            PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
-            TORCH_EXTENSIONS_DIR=args.extensions_dir, BENCH_T0=repr(time.time()),
-        )
-        if args.device == "cpu":
-            env["DS_ACCELERATOR"] = "cpu"
-        env.update(extra_env or {})
-        cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:],
-               "--variants", variants, "--_role", role, "--_out", str(out_dir)]
-        procs.append(subprocess.Popen(cmd, env=env))
-    deadline = time.time() + args.timeout
-    failed = None
-    try:
-        for rank, p in enumerate(procs):
-            try:
-                rc = p.wait(timeout=max(1.0, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-            if rc != 0:
-                failed = f"{role} launch failed on rank {rank} (exit {rc})"
-                break
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    extra = dict(TORCH_EXTENSIONS_DIR=args.extensions_dir, BENCH_T0=repr(time.time()))
+    if args.device == "cpu":
+        extra["DS_ACCELERATOR"] = "cpu"
+    extra.update(extra_env or {})
+    procs = spawn_ranks(worker_cmd(__file__, *sys.argv[1:], "--variants", variants, "--_role", role,
+                                   "--_out", out_dir), args.world_size, args.threads, **extra)
+    failed = wait_ranks(procs, args.timeout)
     if failed:
-        raise RuntimeError(failed)
+        raise RuntimeError(f"{role} launch failed on rank {failed[0]} (exit {failed[1]})")
     keys = "-".join(variants.split(","))
     return [json.loads((out_dir / f"{role}-{keys}-rank{r}.json").read_text()) for r in range(args.world_size)]
 
@@ -674,10 +650,7 @@ def render(s: dict) -> str:
             rss if rss != "n/a" else ("n/a: " + e.get("peak_rss_error", "not measured"))[:60],
         ))
     if rows:
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(rows[0], widths)) + " |")
-        lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-        lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows[1:]]
+        lines += markdown_table(rows)
     if s.get("max_eval_loss_difference") is not None:
         lines.append(f"max final-loss difference across variants: {s['max_eval_loss_difference']:.3g} "
                      f"(tolerance vs {s['loss_reference']}: {st['loss_tol']:g})")
@@ -780,8 +753,7 @@ def main() -> None:
         old["time_to_first_step"] = ttfs
         old.setdefault("time_to_first_step_runs", []).append({"machine": machine, "figures": ttfs})
         summary = old
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2))
+    write_json(path, summary)
     print(f"\nwrote {path} (total {summary.get('total_wall_s', 0):.0f}s)")
 
 

@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import REPO, spawn_ranks, timed_step, wait_ranks, worker_cmd  # noqa: E402
 VARIANTS = (("stage 2", 2, True), ("stage 3", 3, True), ("stage 3, no order check", 3, False))
+
+
+def step(engine, ids) -> None:
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
 
 
 def worker(args) -> None:
@@ -67,15 +70,9 @@ def worker(args) -> None:
         times = []
         for i in range(3 + args.steps):
             ids = torch.randint(0, args.vocab, (2, args.seq), generator=g)
-            dist.barrier()
-            t0 = time.perf_counter()
-            loss = engine(input_ids=ids, labels=ids).loss
-            engine.backward(loss)
-            engine.step()
-            dt = torch.tensor([time.perf_counter() - t0])
-            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            _, dt = timed_step(lambda: step(engine, ids))
             if i >= 3:
-                times.append(dt.item())
+                times.append(dt)
         results[name] = {"median_s": statistics.median(times), "min_s": min(times)}
         engine.destroy()
     if rank == 0:
@@ -99,16 +96,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for r in range(args.world_size):
-        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(args.world_size),
-                   LOCAL_WORLD_SIZE=str(args.world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", PYTHONPATH=args.src)
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", *sys.argv[1:]], env=env))
-    if any(p.wait() != 0 for p in procs):
+    procs = spawn_ranks(worker_cmd(__file__, "--worker", *sys.argv[1:]), args.world_size, threads=1,
+                        pythonpath=(args.src,))
+    if wait_ranks(procs):
         raise SystemExit("a worker failed")
     res = json.loads(Path(args.out).read_text())
     print(f"hf_zero from {res.pop('hf_zero')}; world {args.world_size}, Llama hidden {args.hidden} x "

@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import REPO, free_port, timed_step  # noqa: E402
 MODES = {
     "stage 3": {"stage": 3},
     "MiCS node (stage 3)": {"stage": 3, "mics_shard_size": 2},
@@ -62,9 +61,15 @@ def _formula(flats, zero: dict, nodes: int, per_node: int, nbytes: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------- worker
+def step(engine, ids):
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    return loss
+
+
 def worker(args) -> None:
     import torch
-    import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import hf_zero
@@ -87,15 +92,9 @@ def worker(args) -> None:
         times = []
         for i, batch in enumerate(data):
             ids = batch[rank]
-            dist.barrier()
-            t0 = time.perf_counter()
-            loss = engine(input_ids=ids, labels=ids).loss
-            engine.backward(loss)
-            engine.step()
-            dt = torch.tensor([time.perf_counter() - t0])
-            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            loss, dt = timed_step(lambda: step(engine, ids))
             if i >= args.warmup:
-                times.append(dt.item())
+                times.append(dt)
         comm = engine.memory_report()["comm_bytes_last_step"]
         out[name] = {"step_s": sorted(times)[len(times) // 2], "comm": comm, "loss": loss.item(),
                      "flats": [f.padded_numel for u in engine.units for f in u.flats if f.trainable]}
@@ -105,9 +104,7 @@ def worker(args) -> None:
 
 # ---------------------------------------------------------------------------------- launcher
 def launch(args) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out_dir = Path(tempfile.mkdtemp(prefix="bench_scale_"))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     passthrough = ["--worker", "--out-dir", str(out_dir), "--steps", str(args.steps), "--warmup", str(args.warmup),

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from models import batches, build, grouped_params, make_optimizer
+from models import batches, build, grouped_params, make_optimizer, reference_run
+from scenarios import engine_config, run_steps
 
 #: the reason hf_zero's unit hooks carry (hf_zero/engine/stages.py, ``_eager``)
 HOOK_REASON = "hf_zero unit hooks run eagerly"
@@ -43,9 +44,10 @@ def reset_compile() -> None:
     counters.clear()
 
 
-def config(stage: int, accum: int = 2, clip: float = 0.5) -> dict:
-    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": accum,
-            "gradient_clipping": clip, "zero_optimization": {"stage": stage}}
+def config(case: dict, world: int) -> dict:
+    """tests/scenarios.py's engine config (``dtype``, ``offload`` there), accumulation 2, clip 0.5;
+    fp16 with ``initial_scale_power`` 8 (dynamic loss scale)."""
+    return engine_config({"accum": 2, "clip": 0.5, **case}, world)
 
 
 def engine_case(case: dict, rank: int, world: int):
@@ -60,27 +62,40 @@ def engine_case(case: dict, rank: int, world: int):
     elif case["how"] == "inplace":
         model.compile(backend=backend)
     opt = make_optimizer(case["opt"], grouped_params(model))
-    engine, *_ = hf_zero.initialize(model=model, optimizer=opt, config=config(case["stage"]))
+    engine, *_ = hf_zero.initialize(model=model, optimizer=opt, config=config(case, world))
     if case["how"] == "module":
         engine.module.compile(backend=backend)
     elif case["how"] == "engine":
         engine.compile(backend=backend)
-    losses, after_first = [], None
-    for step in batches(case.get("steps", 3), 2, world):
-        total = 0.0
-        for micro in step:
-            loss = engine(**micro[rank]).loss
-            engine.backward(loss)
-            engine.step()
-            total += loss.item()
-        losses.append(total / len(step))
-        if after_first is None:
-            after_first = compile_counters()
-    return engine, losses, after_first, compile_counters()
+    seen = []  # after every optimizer step: the counters, the loss scale, the steps skipped
+    poison = None
+    if case.get("overflow_step") is not None:
+        poison = _poison_on_rank0(engine, case["overflow_step"], rank, lambda: len(seen))
+    losses = run_steps(engine, batches(case.get("steps", 3), 2, world), rank,
+                       between=lambda: seen.append((compile_counters(), engine.loss_scale, engine.skipped_steps)))
+    if poison is not None:
+        poison.remove()
+    engine.step_record = [{"loss_scale": sc, "skipped": sk} for _, sc, sk in seen]
+    return engine, losses, seen[0][0], compile_counters()
+
+
+def _poison_on_rank0(engine, bad_step, rank: int, step_now):
+    """An inf in one gradient element on rank 0 only during optimizer step ``bad_step`` (every
+    micro-step of it), as tests/scenarios.py:fp16_overflow does."""
+    victim = engine.module.model.layers[0].mlp.down_proj.weight
+
+    def hook(grad):
+        if rank == 0 and step_now() == bad_step:
+            grad = grad.clone()
+            grad.view(-1)[0] = float("inf")
+        return grad
+
+    return victim.register_hook(hook)
 
 
 def case_name(case: dict) -> str:
-    return f"stage{case['stage']}-{case['how']}-{case['opt']}-{case['backend']}"
+    extra = "".join(f"-{k}={case[k]}" for k in ("dtype", "offload", "overflow_step") if case.get(k) is not None)
+    return f"stage{case['stage']}-{case['how']}-{case['opt']}-{case['backend']}{extra}"
 
 
 def compile_parity(payload, out_dir: Path):
@@ -98,6 +113,7 @@ def compile_parity(payload, out_dir: Path):
         if rank == 0:
             save_file({k: v.contiguous() for k, v in sd.items()}, str(out_dir / f"{case_name(case)}.safetensors"))
         results[case_name(case)] = {"losses": losses, "steps": engine.global_steps, "first": first, "last": last,
+                                    "record": engine.step_record, "skipped": engine.skipped_steps,
                                     "is_compiled": engine.is_compiled, "keys": sorted(sd)}
         engine.destroy()
     reset_compile()  # compiled code holds the hooks (and through them the process group)
@@ -108,25 +124,48 @@ def unsharded_run(opt_kind: str, world: int, backend=None, steps: int = 3, clip:
     """The single-process run on the same global batches as ``engine_case`` (tests/models.py's
     reference loop), eager or compiled with ``backend``; returns (model, losses, counters)."""
     reset_compile()
-    model = build("llama")
-    opt = make_optimizer(opt_kind, grouped_params(model))
-    run = model if backend is None else torch.compile(model, backend=backend)
-    losses = []
-    for step in batches(steps, 2, world):
-        n = len(step) * len(step[0])
-        total = 0.0
-        for micro in step:
-            for b in micro:
-                loss = run(**b).loss
-                (loss / n).backward()
-                total += loss.item() / n
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip)
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
+    wrap = None if backend is None else (lambda m: torch.compile(m, backend=backend))
+    model, losses = reference_run("llama", opt_kind, batches(steps, 2, world), clip, wrap=wrap)
     counters = compile_counters()
     reset_compile()
     return model, losses, counters
+
+
+def compiled_autograd(payload, out_dir: Path):
+    """``engine.backward`` inside ``torch._dynamo.compiled_autograd._enable``: the engine refuses
+    with its message; the same engine then trains on (eagerly run backwards) and must end where a
+    fresh engine that never saw the refused call ends (same losses, same weights)."""
+    import hf_zero
+    from hf_zero.initialize import init_distributed
+
+    rank, world = init_distributed()
+    out = {}
+    for stage in payload["stages"]:
+        runs = {}
+        for refused in (True, False):
+            reset_compile()
+            model = torch.compile(build("llama"), backend="aot_eager")
+            engine, *_ = hf_zero.initialize(model=model, optimizer=make_optimizer("sgd", grouped_params(model)),
+                                            config=config({"stage": stage, "accum": 1}, world))
+            data = batches(2, 1, world)
+            error = None
+            if refused:
+                loss = engine(**data[0][0][rank]).loss
+                try:
+                    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+                        engine.backward(loss)
+                except RuntimeError as exc:
+                    error = str(exc)
+                del loss
+            losses = run_steps(engine, data, rank)
+            runs[refused] = {"error": error, "losses": losses, "steps": engine.global_steps,
+                             "weights": {k: v.clone() for k, v in engine.full_state_dict().items()}}
+            engine.destroy()
+        same = all(torch.equal(runs[True]["weights"][k], v) for k, v in runs[False]["weights"].items())
+        out[str(stage)] = {"error": runs[True]["error"], "losses": runs[True]["losses"],
+                           "fresh_losses": runs[False]["losses"], "steps": runs[True]["steps"], "same_weights": same}
+    reset_compile()
+    return out
 
 
 # ---------------------------------------------------------------------------------- Trainer

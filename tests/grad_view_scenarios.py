@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 
 import hf_zero
-from hf_zero.initialize import init_distributed
 from models import batches, build, grouped_params, make_optimizer
-from scenarios import case_id
+from scenarios import engine_config, train_and_save
 
 STEPS, ACCUM = 3, 2
 
@@ -26,8 +25,7 @@ def train(case: dict, rank: int, world: int):
     """Train tiny Llama with SGD; return losses and what the gradient views looked like."""
     model = build("llama")
     opt = make_optimizer("sgd", grouped_params(model))
-    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": ACCUM,
-           "zero_optimization": {"stage": case["stage"]}}
+    cfg = engine_config({"stage": case["stage"], "accum": ACCUM}, world)
     engine, _, _, _ = hf_zero.initialize(model=model, optimizer=opt, config=cfg)
     rt = engine.runtime
     data = batches(STEPS, ACCUM, world)
@@ -67,15 +65,4 @@ def train(case: dict, rank: int, world: int):
 
 
 def views(payload, out_dir: Path):
-    rank, world = init_distributed()
-    from safetensors.torch import save_file
-
-    results = {}
-    for case in payload["cases"]:
-        engine, res = train(case, rank, world)
-        sd = engine.full_state_dict()
-        if rank == 0:
-            save_file({k: v.clone() for k, v in sd.items()}, str(out_dir / f"{case_id(case)}.safetensors"))
-        results[case_id(case)] = res
-        engine.destroy()
-    return results
+    return train_and_save(payload["cases"], out_dir, train)

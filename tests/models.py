@@ -135,9 +135,10 @@ def grouped_params(model: nn.Module):
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def reference_run(name: str, opt_kind: str, data, clip: float, freeze=None):
+def reference_run(name: str, opt_kind: str, data, clip: float, freeze=None, wrap=None):
     """The unsharded single-process run on the same global batches. A parameter that gets no
-    gradient in a step counts as gradient zero, the engine's documented semantics."""
+    gradient in a step counts as gradient zero, the engine's documented semantics. ``wrap(model)``,
+    if given, is what runs the forwards (e.g. ``torch.compile``); the model itself is returned."""
     model = build(name)
     if freeze:
         for n, p in model.named_parameters():
@@ -145,13 +146,14 @@ def reference_run(name: str, opt_kind: str, data, clip: float, freeze=None):
                 p.requires_grad_(False)
     opt = make_optimizer(opt_kind, grouped_params(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
+    run = model if wrap is None else wrap(model)
     losses = []
     for step in data:
         n = len(step) * len(step[0])
         total = 0.0
         for micro in step:
             for batch in micro:
-                loss = model(**batch).loss
+                loss = run(**batch).loss
                 (loss / n).backward()
                 total += loss.item() / n
         for p in trainable:

@@ -72,20 +72,30 @@ def run_steps(engine, data, rank: int, between=None) -> list:
     return losses
 
 
-def parity(payload, out_dir: Path):
-    """Train every case; rank 0 writes the final full fp32 weights for the reference check."""
+def train_and_save(cases, out_dir: Path, train) -> dict:
+    """For every case, ``train(case, rank, world) -> (engine, result)``; rank 0 writes the final
+    full fp32 weights to ``<case_id>.safetensors`` for the reference check. Returns the results."""
     rank, world = init_distributed()
     from safetensors.torch import save_file
 
     results = {}
-    for case in payload["cases"]:
-        engine, losses = train_case(case, rank, world)
+    for case in cases:
+        engine, res = train(case, rank, world)
         sd = engine.full_state_dict()
         if rank == 0:
             save_file({k: v.clone() for k, v in sd.items()}, str(out_dir / f"{case_id(case)}.safetensors"))
-        results[case_id(case)] = {"losses": losses, "steps": engine.global_steps}
+        results[case_id(case)] = res
         engine.destroy()
     return results
+
+
+def parity(payload, out_dir: Path):
+    """Train every case; rank 0 writes the final full fp32 weights for the reference check."""
+    def train(case, rank, world):
+        engine, losses = train_case(case, rank, world)
+        return engine, {"losses": losses, "steps": engine.global_steps}
+
+    return train_and_save(payload["cases"], out_dir, train)
 
 
 def accounting(payload, out_dir: Path):

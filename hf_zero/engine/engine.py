@@ -75,6 +75,22 @@ def split_compiled(model: nn.Module):
     return model, None
 
 
+
+def _refuse_compiled_autograd() -> None:
+    """Compiled autograd (``torch._dynamo.compiled_autograd._enable``) traces the whole backward,
+    hooks included; hf_zero's gradient hooks reduce-scatter and all-gather from inside it, and
+    torch 2.13 fails tracing them (``AttributeError: 'NoneType' object has no attribute 'op'`` in
+    ``reorder_tensor_pre_hook_nodes``). Refuse it with the way out instead of that trace."""
+    ca = getattr(torch._dynamo, "compiled_autograd", None)
+    if ca is not None and getattr(ca, "compiled_autograd_enabled", False):
+        raise RuntimeError(
+            "hf_zero: engine.backward() under compiled autograd (torch._dynamo.compiled_autograd is enabled) is "
+            "not supported: the engine's gradient hooks run collectives that compiled autograd cannot trace in "
+            f"torch {torch.__version__}. Run the backward outside the compiled_autograd context; "
+            "torch.compile of the model's forward (and its backward graphs) works at every stage"
+        )
+
+
 class ZeroEngine(DeepSpeedEngineMethods):
     """A model wrapped for ZeRO data parallelism. Build it with :func:`hf_zero.initialize`."""
 
@@ -522,6 +538,7 @@ class ZeroEngine(DeepSpeedEngineMethods):
         """Backward of ``loss`` (divided by the accumulation steps unless ``scale_wrt_gas`` is
         False), multiplied by the loss scale. Gradients accumulate until the update."""
         self._require_optimizer("backward")
+        _refuse_compiled_autograd()
         self.wait_for_parameters()  # (the forward did, unless it bypassed the engine's hooks)
         factor = self.loss_scaler.scale / (self.gradient_accumulation_steps if scale_wrt_gas else 1)
         if self._counted_micro != self.micro_steps:
