@@ -769,8 +769,8 @@ class StageRuntime:
             acc.zero_()
         unit.stale.discard(fi)  # (direct: the reduce-scatter writes all of it)
         out = acc if direct else torch.empty(f.shard_numel, dtype=full.dtype, device=full.device)
-        if self.hierarchy is None:
-            handle = self.comm.reduce_scatter(out, full, async_op=async_op)
+        if self.hierarchy is None:  # a recycled (pooled) buffer is not read again: gloo may overwrite it
+            handle = self.comm.reduce_scatter(out, full, async_op=async_op, scratch=recycle)
         else:  # MiCS: inside the shard group; qgZ: quantized, node first
             handle = self.hierarchy.reduce_scatter(out, full, async_op=async_op)
         unit.fresh.discard(fi)
