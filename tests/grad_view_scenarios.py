@@ -56,7 +56,7 @@ def train(case: dict, rank: int, world: int):
             gather_stats.append({"moves_in": gp.moves_in, "misses": gp.misses, "free_bytes": gp.free_bytes})
     out = {"losses": losses, "views": views, "unbound_after": unbound_after,
            "pool_taken": rt.grad_pool.taken, "pool_reused": rt.grad_pool.reused, "pool_free_hwm": pool_hwm,
-           "gather": gather_stats}
+           "gather": gather_stats, "trainable_flats": sum(len(u.trainable) for u in engine.units)}
     if engine.gather_pool is not None:
         spans = sorted({engine.gather_pool._span(f.full) for u in engine.units for f in u.flats})
         out["gather_spans"] = spans

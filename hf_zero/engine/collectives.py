@@ -18,6 +18,13 @@ Note:
       Without a topology everything is intra-node (one node).
     * Sub-groups (:meth:`Collectives.subgroups`: MiCS shard and replica groups, hpZ's node
       groups) share their parent's counters, so the engine's per-step totals cover all of them.
+    * gloo on the CPU: its ``reduce_scatter_tensor`` clones the whole input and all-reduces the
+      clone, and its ``all_gather_into_tensor`` gathers into a new full-size buffer and copies
+      out: one transient full-size allocation per call, which the heap keeps resident as holes
+      between the step's other allocations. Here an all-gather is one in-place broadcast per
+      rank into its piece of the output (the same bytes), and a reduce-scatter whose caller
+      lets it overwrite the input (``scratch=True``: a pooled gradient buffer) all-reduces the
+      input in place and copies this rank's slice out, as gloo does, minus the clone.
     * ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` are deprecated in torch 2.13 in
       favour of ``all_gather_single`` / ``reduce_scatter_single``, which older torch (2.6-2.11)
       lacks; :func:`_resolve` picks whichever exists.
@@ -56,6 +63,24 @@ def _timed_out(exc: RuntimeError, what: str) -> RuntimeError:
             f"frozen, dead or not calling it (set the timeout with initialize(timeout=...)); gloo says: {exc}"
         )
     return exc
+
+
+class _Then:
+    """Works that complete together, then ``after()`` runs (once, at the first ``wait``)."""
+
+    __slots__ = ("works", "after")
+
+    def __init__(self, works, after=None):
+        self.works = list(works)
+        self.after = after
+
+    def wait(self) -> None:
+        while self.works:
+            self.works[0].wait()
+            self.works.pop(0)
+        if self.after is not None:
+            after, self.after = self.after, None
+            after()
 
 
 class Handle:
@@ -131,6 +156,7 @@ class Collectives:
         else:
             self.rank, self.world_size, self.global_rank, self.ranks = 0, 1, 0, [0]
         self.topology = topology
+        self._backend: Optional[str] = None  # the group's backend, looked up once
         self._sent, self._cross = _counters if _counters is not None else (Counter(), Counter())
 
     @property
@@ -208,12 +234,25 @@ class Collectives:
         n = self.world_size
         self._count("all_gather", (n - 1) * shard.numel() * shard.element_size())
         try:
+            if self._gloo_cpu(output):  # in place, no full-size temporary (see the notes)
+                k = shard.numel()
+                mine = output[self.rank * k : (self.rank + 1) * k]
+                if mine.data_ptr() != shard.data_ptr():
+                    mine.copy_(shard)
+                works = [dist.broadcast(output[r * k : (r + 1) * k], src=self.ranks[r], group=self.group,
+                                        async_op=True) for r in range(n)]
+                handle = Handle(_Then(works), "all_gather")
+                if not async_op:
+                    handle.wait()
+                return handle
             return Handle(_all_gather_single(output, shard, group=self.group, async_op=async_op), "all_gather")
         except RuntimeError as exc:
             raise _timed_out(exc, "all_gather") from exc
 
-    def reduce_scatter(self, shard_out: torch.Tensor, full: torch.Tensor, async_op: bool = False) -> Handle:
-        """Sum ``full`` over ranks and keep this rank's contiguous slice in ``shard_out``."""
+    def reduce_scatter(self, shard_out: torch.Tensor, full: torch.Tensor, async_op: bool = False,
+                       scratch: bool = False) -> Handle:
+        """Sum ``full`` over ranks and keep this rank's contiguous slice in ``shard_out``. With
+        ``scratch`` the caller will not read ``full`` again, and it may be overwritten."""
         assert full.numel() == shard_out.numel() * self.world_size, (full.shape, shard_out.shape)
         if self.world_size == 1:
             if shard_out.data_ptr() != full.data_ptr():
@@ -222,9 +261,24 @@ class Collectives:
         n = self.world_size
         self._count("reduce_scatter", (n - 1) * shard_out.numel() * shard_out.element_size())
         try:
+            if scratch and self._gloo_cpu(full):  # gloo's own algorithm, minus its clone of ``full``
+                k = shard_out.numel()
+                mine = full[self.rank * k : (self.rank + 1) * k]
+                work = dist.all_reduce(full, group=self.group, async_op=True)
+                handle = Handle(_Then([work], lambda: shard_out.copy_(mine)), "reduce_scatter")
+                if not async_op:
+                    handle.wait()
+                return handle
             return Handle(_reduce_scatter_single(shard_out, full, group=self.group, async_op=async_op), "reduce_scatter")
         except RuntimeError as exc:
             raise _timed_out(exc, "reduce_scatter") from exc
+
+    def _gloo_cpu(self, t: torch.Tensor) -> bool:
+        if t.device.type != "cpu":
+            return False
+        if self._backend is None:
+            self._backend = str(dist.get_backend(self.group))
+        return self._backend == "gloo"
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", control: bool = False) -> None:
         """In-place all-reduce with ``op`` in {"sum", "max"}."""

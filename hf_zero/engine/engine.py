@@ -60,7 +60,7 @@ from .optim import (
 from .precision import LossScaler, SkipPolicy, local_overflow
 from .stages import StageRuntime, Unit
 from .teardown import install_exit_teardown
-from .units import build_units, find_layer_modules
+from .units import build_units, find_layer_modules, with_embedding_units
 
 _LOG = logging.getLogger("hf_zero")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -311,7 +311,7 @@ class ZeroEngine(DeepSpeedEngineMethods):
     def _flat_plan(self) -> List[tuple]:
         """Per unit spec, its flats to build: ``(spec, [(dtype, [(name, param), ...]), ...])``,
         one flat per (trainability, dtype), trainable parameters laid out by optimizer group."""
-        specs = build_units(self.module, find_layer_modules(self.module))
+        specs = build_units(self.module, with_embedding_units(self.module, find_layer_modules(self.module)))
         group_of = param_group_index(self.optimizer) if self.optimizer is not None else {}
         plan = []
         for spec in specs:

@@ -6,10 +6,15 @@ Note:
       any more (its reduce-scatter was waited for). Buffers are keyed by (numel, dtype,
       device); a decoder-layer model has one key per distinct unit size, so the same few
       buffers serve every unit of every step.
-    * Why: a freshly allocated buffer on the CPU is fresh pages from the OS (glibc serves
-      blocks of this size with ``mmap``), and touching them costs a page fault each; zeroing a
-      resident buffer is a ``memset``. On CUDA the caching allocator pools already, and the pool
-      changes nothing but saves the allocator call.
+    * Why: a freshly allocated buffer on the CPU is fresh pages from the OS, and touching them
+      costs a page fault each; zeroing a resident buffer is a ``memset``. On CUDA the caching
+      allocator pools already, and the pool changes nothing but saves the allocator call.
+    * On the CPU, buffers of at least :data:`MAPPED_MIN_BYTES` are the pool's own anonymous
+      mappings (:func:`mapped_zeros`), not ``malloc`` blocks: glibc raises its mmap threshold
+      each time a large mapped block is freed (to 16 MB and more once a model's weights were
+      flattened), after which buffers of a unit's size come from the heap, where blocks freed
+      between other allocations stay resident as holes (the stage-3 RSS creep). A mapping
+      leaves no hole: dropping one (``trim``) returns its pages to the OS at once.
     * Bound: at most ``keep`` free buffers per key stay in the pool after :meth:`trim`
       (called at the end of every backward), so a backward that needed many buffers at once
       (two forwards before one backward hold every unit's gradient) does not keep them.
@@ -25,6 +30,19 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 import torch
+
+_PAGE = mmap.PAGESIZE
+
+#: CPU buffers at least this large are anonymous mappings of their own (see the notes)
+MAPPED_MIN_BYTES = 1 << 20
+
+
+def mapped_zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed 1-D CPU tensor over an anonymous private mapping of its own (fresh zero pages,
+    resident once touched; unmapped when the tensor's storage is freed)."""
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    m = mmap.mmap(-1, max(-(-nbytes // _PAGE) * _PAGE, _PAGE), flags=mmap.MAP_PRIVATE)
+    return torch.frombuffer(m, dtype=dtype, count=numel)
 
 
 class BufferPool:
@@ -43,6 +61,8 @@ class BufferPool:
         if free:
             self.reused += 1
             return free.pop().zero_()
+        if device.type == "cpu" and numel * torch.empty((), dtype=dtype).element_size() >= MAPPED_MIN_BYTES:
+            return mapped_zeros(numel, dtype)
         return torch.zeros(numel, dtype=dtype, device=device)
 
     def give(self, buf: torch.Tensor) -> None:
@@ -63,7 +83,6 @@ class BufferPool:
 # Stage 3 on the CPU: gathered unit buffers whose memory moves between units instead of being
 # freed and allocated again.
 
-_PAGE = mmap.PAGESIZE
 _PROT_RW = 0x1 | 0x2
 _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS, _MAP_NORESERVE = 0x02, 0x10, 0x20, 0x4000
 _MREMAP_MAYMOVE, _MREMAP_FIXED = 0x1, 0x2

@@ -227,6 +227,10 @@ class StageRuntime:
         self._reduced_versions: Dict[tuple, int] = {}
         # stages 2-3: the per-backward full gradient buffers, reused (see hf_zero.engine.pool)
         self.grad_pool = BufferPool(keep=self.max_pending_reductions + 2)
+        # stage 3: bytes of gathered (or gathering) flats now, and the most at once since
+        # reset_gather_peak() (the bound docs/engine.md states; see tests/test_stage3_memory.py)
+        self.gathered_bytes = 0
+        self.peak_gathered_bytes = 0
 
     # ------------------------------------------------------------------------------ install
     def install(self) -> None:
@@ -333,6 +337,7 @@ class StageRuntime:
         unit.keep_secondary = hpz and not backward and self._training_forward
         for fi, f in enumerate(unit.flats):
             f.alloc_full()
+            self.gathered_bytes += f.padded_numel * f.full.element_size()
             host = f.shard if self.shard_source is None else self.shard_source.acquire(f)
             # an offloaded shard comes up to the device first; the copy lives until the wait
             shard = host if host.device == f.full.device else host.to(f.full.device, non_blocking=True)
@@ -416,8 +421,16 @@ class StageRuntime:
             return
         self.wait(unit)
         unit.sticky = False
+        self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
         for f in unit.flats:
             f.free_full()
+            self.gathered_bytes -= f.padded_numel * f.full.element_size()
+
+    def reset_gather_peak(self) -> int:
+        """The most bytes gathered at once since the last call (stage 3); starts a new count."""
+        peak = max(self.peak_gathered_bytes, self.gathered_bytes)
+        self.peak_gathered_bytes = self.gathered_bytes
+        return peak
 
     def release_all(self) -> None:
         for u in self.units:
@@ -823,8 +836,8 @@ class StageRuntime:
             acc.zero_()
         unit.stale.discard(fi)  # (direct: the reduce-scatter writes all of it)
         out = acc if direct else torch.empty(f.shard_numel, dtype=full.dtype, device=full.device)
-        if self.hierarchy is None:
-            handle = self.comm.reduce_scatter(out, full, async_op=async_op)
+        if self.hierarchy is None:  # a recycled (pooled) buffer is not read again: gloo may overwrite it
+            handle = self.comm.reduce_scatter(out, full, async_op=async_op, scratch=recycle)
         else:  # MiCS: inside the shard group; qgZ: quantized, node first
             handle = self.hierarchy.reduce_scatter(out, full, async_op=async_op)
         unit.fresh.discard(fi)
