@@ -165,6 +165,30 @@ def timed_step(step):
     return out, float(dt)
 
 
+class StepBlocks:
+    """A round's consecutive steps of one variant, timed as a block: one barrier before the
+    block, none between its steps, and the variant's background work (hf_zero's post-step
+    all-gathers at stages 1-2) completed inside the block's last step. A barrier between steps
+    would complete that work outside the timed region (gloo's barrier waits for the work queued
+    before it), and credit the variant with time it did spend.
+
+    ``begin(key, size)`` -> True when a new block starts (barrier then); ``end()`` -> True when
+    the step just run closed its block (settle the variant then, before stopping the clock)."""
+
+    def __init__(self):
+        self.key, self.left = None, 0
+
+    def begin(self, key, size: int) -> bool:
+        if self.key == key and self.left > 0:
+            return False
+        self.key, self.left = key, max(1, int(size))
+        return True
+
+    def end(self) -> bool:
+        self.left -= 1
+        return self.left == 0
+
+
 def run_rounds(keys, run, times, args, say, tag: str, t_start: float) -> None:
     """``args.warmup`` untimed steps per variant (``run(key, timed=False)``), then
     ``args.rounds`` rounds of ``args.steps_per_round`` timed steps each, the variant order

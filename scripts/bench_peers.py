@@ -79,6 +79,7 @@ from _bench import (  # noqa: E402  (stdlib-only at import time)
     per_rank,
     percentile,
     proc_status_kb,
+    StepBlocks,
     run_rounds,
     spawn_ranks,
     wait_ranks,
@@ -336,6 +337,12 @@ class Variant:
         self.comm_last = self.counter.take()
         return float(loss.detach())
 
+    def settle(self) -> None:
+        """Finish what the step left running in the background (hf_zero stages 1-2: the
+        post-step all-gathers, otherwise waited for by the next forward)."""
+        if self.key.startswith("hfz"):
+            self.engine.wait_for_parameters()
+
     # -- accounting -----------------------------------------------------------------------
     def _torch_states(self) -> dict:
         import torch
@@ -482,13 +489,18 @@ def worker(args) -> None:
         result["num_parameters"] = variants[keys[0]].num_params
         times = {k: [] for k in keys}
 
+        blocks = StepBlocks()
+
         def run(k, timed):
             v = variants[k]
             v.measure_next = v.steps == total - 1  # model states at the last training step
-            dist.barrier()
+            if blocks.begin(k, args.steps_per_round if timed else 1):
+                dist.barrier()
             sync()
             t0 = time.perf_counter()
             v.step(batches[v.steps])
+            if blocks.end():
+                v.settle()
             sync()
             if timed:
                 times[k].append(time.perf_counter() - t0)
