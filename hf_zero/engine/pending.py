@@ -32,6 +32,7 @@ Note:
 
 from __future__ import annotations
 
+import weakref
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -74,11 +75,35 @@ def _pending_in(args, kwargs) -> List[torch.Tensor]:
     return out
 
 
+#: every engine's gathers, for :func:`settle_all` at teardown (weak: an engine dies as usual)
+_LIVE: "weakref.WeakSet[PostStepGathers]" = weakref.WeakSet()
+
+
+def settle_all() -> None:
+    """Complete the post-step gathers still in flight in every engine of this process.
+
+    Exit teardown calls this (:mod:`hf_zero.engine.teardown`): an in-flight collective's work
+    holds its process group, so a script that ends after ``step()`` without ``engine.destroy()``
+    would keep gloo's threads alive into interpreter finalization. Waiting cannot hang: every
+    rank issued the same gathers in its ``step()``. If a wait fails (the group is gone), the
+    works are dropped instead."""
+    for gathers in list(_LIVE):
+        try:
+            gathers.wait_all()
+        except Exception:  # noqa: BLE001 - teardown: drop the works, never raise at exit
+            for _, _, params in gathers._pending.values():
+                for p in params:
+                    if type(p) is PendingParameter:
+                        p.__class__ = nn.Parameter
+            gathers._pending.clear()
+
+
 class PostStepGathers:
     """The post-step all-gathers of one engine still in flight, per unit."""
 
     def __init__(self, comm):
         self.comm = comm  # the shard group's Collectives
+        _LIVE.add(self)
         self._pending: Dict[int, Tuple[object, list, List[nn.Parameter]]] = {}  # id(unit) -> (unit, handles, params)
 
     @property

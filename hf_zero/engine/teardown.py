@@ -37,6 +37,9 @@ collection frees what cycles still held. Measured: the gloo threads are gone aft
 the destroy alone (``tests/test_teardown.py`` checks by thread name).
 
 Invariants:
+    * Before any destroy and any release, every engine's post-step all-gathers still in flight
+      (stages 1-2, :func:`hf_zero.engine.pending.settle_all`) are waited for: their works hold
+      the group. They were issued by every rank in the same ``step()``, so the wait completes.
     * :func:`install_exit_teardown` is idempotent: one callback per process, whoever calls it.
     * When no process group is initialized at exit (the user's script or a launcher destroyed it)
       the callback only releases pinned, destroyed groups (above); it starts no collective.
@@ -88,6 +91,7 @@ def _teardown_at_exit(deadline_s: float) -> None:
     watchdog.daemon = True
     watchdog.start()
     try:
+        _settle_engines()
         dist.destroy_process_group()
     except Exception as exc:  # the run itself finished; report, do not mask its exit code
         print(f"hf_zero: tearing down the process group at exit failed: {exc!r}", file=sys.stderr, flush=True)
@@ -106,6 +110,7 @@ def release_destroyed_groups() -> int:
     """
     from torch.distributed import distributed_c10d as c10d
 
+    _settle_engines()
     live = set(map(id, getattr(c10d._world, "pg_map", {}) or {}))
     reset = 0
     for name, module in list(sys.modules.items()):
@@ -119,6 +124,13 @@ def release_destroyed_groups() -> int:
                 fn, depth = getattr(fn, "__wrapped__", None), depth + 1
     gc.collect()
     return reset
+
+
+def _settle_engines() -> None:
+    """Stages 1-2: post-step all-gathers still in flight hold their group (hf_zero.engine.pending)."""
+    from .pending import settle_all
+
+    settle_all()
 
 
 def _reset_defaults(fn: types.FunctionType, live: set) -> int:
