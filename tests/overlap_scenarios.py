@@ -54,7 +54,7 @@ def train_and_read(stage: int, accum: int, rank: int, world: int, compiled: bool
     model.model.embed_tokens.weight.register_post_accumulate_grad_hook(
         lambda p: issued_before_end.append(rec.total - start[0]))
     start = [0]
-    out = {"micro": [], "after_step": []}
+    out = {"micro": [], "after_step": [], "units": len(engine.units)}
     try:
         for s, step in enumerate(data):
             for m, micro in enumerate(step):
@@ -100,6 +100,6 @@ def run(payload, out_dir: Path):
             tensors.update({f"state_dict.{k}": v for k, v in after[1]["state_dict"].items()})
             tensors.update({f"final.{k}": v for k, v in got["final"].items()})
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / f"{key}.safetensors"))
-        results[key] = {"micro": got["micro"], "eval_loss": after[2]["eval_loss"],
+        results[key] = {"micro": got["micro"], "eval_loss": after[2]["eval_loss"], "units": got["units"],
                         "after_step": [{k: v for k, v in e.items() if isinstance(v, (bool, int))} for e in after]}
     return results
