@@ -16,6 +16,7 @@ Note:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,15 @@ def model_state_bytes(
 
 
 def comm_bytes_per_step(num_params: float, stage: int, world_size: int, *, param_bytes: int = 2,
-                        grad_bytes: int = 2, gather_after_step: bool = True) -> float:
+                        grad_bytes: int = 2, gather_after_step: bool = True,
+                        backward_gathered: Optional[float] = None) -> float:
     """Bytes one rank sends in one micro-step (accumulation 1).
 
     ``gather_after_step``: stages 1-2 all-gather the updated parameters after the step (always);
     stage 3 never does (its parameters stay sharded).
+    ``backward_gathered``: stage 3, the parameters all-gathered again in backward (default: all
+    of them). The engine skips the unit carried from forward into backward and plain
+    embeddings (docs/engine.md, "Stage 3 lifecycle"): :func:`backward_gathered_numel`.
     """
     n = world_size
     if n == 1:
@@ -68,7 +73,18 @@ def comm_bytes_per_step(num_params: float, stage: int, world_size: int, *, param
     reduce = frac * num_params * grad_bytes
     if stage in (1, 2):
         return reduce + (frac * num_params * param_bytes if gather_after_step else 0.0)
-    return reduce + 2 * frac * num_params * param_bytes
+    again = num_params if backward_gathered is None else backward_gathered
+    return reduce + frac * (num_params + again) * param_bytes
+
+
+def backward_gathered_numel(unit_numels: Sequence[int], forward_order: Sequence[int],
+                            embedding_units: Sequence[int] = ()) -> int:
+    """Stage 3: elements all-gathered in backward per micro-step, from the units' (padded)
+    element counts, the indices of the units in forward order (root excluded) and the indices
+    of plain ``nn.Embedding`` units: every unit but the last of forward (carried into backward)
+    and the embeddings (their backward reads no weight)."""
+    skip = set(embedding_units) | ({forward_order[-1]} if forward_order else set())
+    return sum(n for i, n in enumerate(unit_numels) if i in set(forward_order) and i not in skip)
 
 
 # ---------------------------------------------------------------------------- bytes by link
@@ -81,7 +97,8 @@ def _groups(world: int, size: int, strided: bool = False) -> list:
 
 def link_bytes_per_step(flats, stage: int, nodes: int, ranks_per_node: int, *, accum: int = 1,
                         mics_shard_size: int = -1, hpz_partition_size: int = 1, quantized_weights: bool = False,
-                        quantized_gradients: bool = False, param_bytes: int = 2, grad_bytes: int = 2) -> dict:
+                        quantized_gradients: bool = False, param_bytes: int = 2, grad_bytes: int = 2,
+                        backward_gathered: Optional[Sequence[bool]] = None) -> dict:
     """Data bytes of one optimizer step (``accum`` micro-steps), summed over *all* ranks of a
     cluster of ``nodes`` x ``ranks_per_node``, by link: ``{"intra_node": ..., "cross_node": ...}``.
 
@@ -91,7 +108,9 @@ def link_bytes_per_step(flats, stage: int, nodes: int, ranks_per_node: int, *, a
     an all-reduce) from every member to its ring successor, so the cluster's cross-node bytes are
     the ring's node-crossing edges times one member's volume; an all-to-all sends every peer its
     own ``1/k`` piece. qwZ and qgZ send int8 values plus one fp32 scale per block of
-    :func:`hf_zero.engine.quant.block_size` elements.
+    :func:`hf_zero.engine.quant.block_size` elements. ``backward_gathered``: stage 3, one flag
+    per flat, False for a flat not all-gathered again in backward (see
+    :func:`comm_bytes_per_step`); default all True.
     """
     from .engine.quant import block_size, wire_bytes
     from .engine.topology import Topology
@@ -134,7 +153,8 @@ def link_bytes_per_step(flats, stage: int, nodes: int, ranks_per_node: int, *, a
             ring(replica_groups, 2 * (len(replica_groups[0]) - 1) / len(replica_groups[0]) * s * grad_bytes
                  if replica_groups else 0)
 
-    for numel in flats:
+    again = list(backward_gathered) if backward_gathered is not None else [True] * len(flats)
+    for numel, gathered_in_backward in zip(flats, again):
         s = numel // m
         if stage == 0:
             ring([list(range(world))], 2 * (world - 1) / world * numel * grad_bytes)
@@ -145,7 +165,9 @@ def link_bytes_per_step(flats, stage: int, nodes: int, ranks_per_node: int, *, a
             wq = wire_bytes(s, block_size(s)) if quantized_weights else s * param_bytes
             for _ in range(accum):
                 ring(shard_groups, (m - 1) * wq)  # forward
-                if hpz_partition_size > 1:
+                if not gathered_in_backward:
+                    pass
+                elif hpz_partition_size > 1:
                     h = hpz_partition_size
                     ring(_groups(world, h), (h - 1) * (numel // h) * param_bytes)
                 else:

@@ -188,6 +188,7 @@ class Variant:
                 "comm_bytes_last_step": r["comm_bytes_last_step"]["data"],
                 "comm_detail": r["comm_bytes_last_step"],
                 "engine_num_parameters": r["num_parameters"],
+                "backward_gathered_numel": r["backward_gathered_numel"],
             }
         params = [p for p in self.model.parameters()]
         pbytes = sum(p.numel() * p.element_size() for p in params)
@@ -347,7 +348,8 @@ def summarize(args, main_ranks, rss_ranks, machine, load_start, load_end) -> dic
         formula_stage = 0 if k == "ddp" else stage
         f_state = model_state_bytes(psi, formula_stage, world, param_bytes=4, grad_bytes=4, master_bytes=0,
                                     optimizer_state_bytes=8).total
-        f_comm = comm_bytes_per_step(psi, formula_stage, world, param_bytes=4, grad_bytes=4)
+        f_comm = comm_bytes_per_step(psi, formula_stage, world, param_bytes=4, grad_bytes=4,
+                                     backward_gathered=per[0].get("backward_gathered_numel"))
         entry = {
             "name": variant_name(k),
             "step_times_s": step_times,

@@ -66,7 +66,8 @@ def train(payload, out_dir: Path):
             save_file({k: v.clone() for k, v in sd.items()}, str(out_dir / f"{case_id(case)}.safetensors"))
         results[case_id(case)] = {
             "losses": losses, "comm": comm, "step_s": times[0],
-            "flats": [[f.numel, f.padded_numel, f.dtype.itemsize, f.trainable] for u in engine.units for f in u.flats],
+            "flats": [[f.numel, f.padded_numel, f.dtype.itemsize, f.trainable, u.name]
+                      for u in engine.units for f in u.flats],
             "shard_world": engine.shard_comm.world_size,
         }
         topo = engine.topology

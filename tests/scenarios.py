@@ -115,6 +115,7 @@ def accounting(payload, out_dir: Path):
             engine.step()
         rep = engine.memory_report()
         rep["padded_numel"] = sum(f.padded_numel for u in engine.units for f in u.flats)
+        rep["unit_padded"] = {u.name: sum(f.padded_numel for f in u.flats) for u in engine.units}
         out[str(stage)] = rep
         engine.destroy()
     return out

@@ -12,7 +12,7 @@ from hf_zero.engine.optim import (OptimizerNotSupported, check_elementwise, clip
                                   make_pieces, naive_grad_norm)
 from hf_zero.engine.precision import LossScaler, local_overflow
 from hf_zero.engine.units import build_units, find_layer_modules
-from hf_zero.memory import comm_bytes_per_step, model_state_bytes
+from hf_zero.memory import backward_gathered_numel, comm_bytes_per_step, model_state_bytes
 from models import build
 
 
@@ -184,6 +184,20 @@ def test_memory_formulas_reproduce_the_zero_paper_7b_on_4_gpus():
     ddp = comm_bytes_per_step(psi, 0, 8)
     assert comm_bytes_per_step(psi, 2, 8) == pytest.approx(ddp)
     assert comm_bytes_per_step(psi, 3, 8) == pytest.approx(1.5 * ddp)
+    # stage 3 without the second gather of the carried unit and the embedding (Llama-2-7B:
+    # 32000 x 4096 elements each): 1.5x less their share of the backward all-gather
+    emb = 32000 * 4096
+    assert comm_bytes_per_step(psi, 3, 8, backward_gathered=psi - 2 * emb) == pytest.approx(
+        ddp * (1 + 0.5 * (psi - 2 * emb) / psi))
+
+
+def test_backward_gathered_numel_skips_the_carried_unit_and_embeddings():
+    # units: 0 root, 1 embedding, 2-3 layers, 4 head; forward runs 1, 2, 3, 4
+    numels = [10, 100, 30, 30, 100]
+    assert backward_gathered_numel(numels, [1, 2, 3, 4], embedding_units=[1]) == 60
+    assert backward_gathered_numel(numels, [1, 2, 3, 4]) == 160
+    assert backward_gathered_numel(numels, [1, 2, 3], embedding_units=[1]) == 30  # layer 3 last
+    assert backward_gathered_numel(numels, []) == 0
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

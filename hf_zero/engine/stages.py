@@ -48,7 +48,16 @@ Note:
       the unit that ran next in the previous step) and releases it on exit; backward gathers on
       the first gradient that reaches the unit's output (prefetching the next unit in backward
       order) and releases it when backward moves past it. The root unit (embeddings, final norm,
-      head) is gathered for the whole forward and again for the whole backward.
+      head) is gathered for the whole forward and again for the whole backward. Two all-gathers
+      of backward are never issued, because they would move bytes nobody reads:
+      - the *carried* unit: the last unit of a training forward, when it is the one the previous
+        forward ended with and its outputs require grad, stays gathered from its forward into
+        backward, which begins with it (its memory is held while the loss is computed, where the
+        gather window is at most the root and two units anyway);
+      - a unit that is a plain ``nn.Embedding`` (its class does not override ``forward``):
+        its backward scatters the output gradient by index and never reads the weight, so it is
+        not gathered in backward (``Unit.backward_reads_weights`` False). Anything else that
+        reads its weight in backward (a recomputation, an access) still gathers it.
     * Parameter offload to NVMe (``shard_source``): a gather takes each flat's shard from the
       source (``acquire``) and hands it back once the gather is waited for (``release``); the
       shards of the next ``read_ahead_units`` units in the current order are read in the background
@@ -106,6 +115,13 @@ def _tensors_in(obj) -> List[torch.Tensor]:
     return []
 
 
+def _weights_unread_in_backward(module: nn.Module, is_root: bool) -> bool:
+    """A unit whose module is an ``nn.Embedding`` with the stock ``forward``: the gradient of
+    an embedding lookup needs the indices and the table's shape, never the table's values."""
+    return (not is_root and isinstance(module, nn.Embedding)
+            and type(module).forward is nn.Embedding.forward)
+
+
 class Unit:
     """One unit's flat buffers and its per-step gradient state."""
 
@@ -139,6 +155,9 @@ class Unit:
         self.dirty = False  # stage 1: a gradient reached its full buffer after its reduction began
         self.pins = 0  # open gathered_parameters contexts (and gather-once generates) holding it
         self.sticky = False  # gathered on demand in this forward: kept until backward ends
+        self.carried = False  # stage 3: kept gathered from the end of forward into backward
+        # stage 3: whether its backward reads its weights (False: a plain nn.Embedding)
+        self.backward_reads_weights = not _weights_unread_in_backward(module, is_root)
         self.secondary: Dict[int, torch.Tensor] = {}  # hpZ: flat index -> secondary shard (hierarchy.py)
         self.keep_secondary = False  # hpZ: the gather in flight is a training forward's
 
@@ -421,6 +440,7 @@ class StageRuntime:
             return
         self.wait(unit)
         unit.sticky = False
+        unit.carried = False
         self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
         for f in unit.flats:
             f.free_full()
@@ -492,8 +512,9 @@ class StageRuntime:
                 if self.post_gathers is not None:  # units that did not run: before backward
                     self.post_gathers.wait_all()
                 grad = torch.is_grad_enabled()
+                last = self.forward_order[-1] if self.forward_order else None
                 for u in self.units:  # prefetched but not run this time (and, without grad, sticky)
-                    if u is not self.root:
+                    if u is not self.root and not (grad and u.carried and u is last):
                         self.release(u, force=not grad)
                 if grad:  # backward starts with the last units of this forward
                     self._read_ahead(self.forward_order[::-1], 0)
@@ -505,10 +526,19 @@ class StageRuntime:
             # with shards on NVMe, always after a training forward: backward needs it first, so
             # keeping it saves a read of the (usually largest) unit per step.
             if not (unit.is_root and torch.is_grad_enabled() and (not hooked or self.shard_source is not None)):
-                self.release(unit, force=unit.is_root and not torch.is_grad_enabled())
+                if hooked and self._carries(unit):
+                    unit.carried = True  # backward begins with it: no release, no second gather
+                else:
+                    self.release(unit, force=unit.is_root and not torch.is_grad_enabled())
             return replaced
 
         return hook
+
+    def _carries(self, unit: Unit) -> bool:
+        """Stage 3: keep ``unit`` gathered into backward, as the last unit of a training forward
+        that ends as the previous one did (all ranks run the same units in the same order)."""
+        return (self.stage == 3 and self._training_forward and not unit.is_root and unit.backward_reads_weights
+                and not unit.pins and bool(self.last_forward_order) and unit is self.last_forward_order[-1])
 
     @staticmethod
     def _copy_aliases(unit: Unit, output):
@@ -628,10 +658,12 @@ class StageRuntime:
         pos = self._position(unit)
         self._release_before(pos)
         self._advance()
-        self.gather(unit)
-        self._read_ahead(self.backward_order[:-1], pos + 1)
-        if self.prefetch_enabled and pos + 1 < len(self.backward_order) - 1:
-            self.gather(self.backward_order[pos + 1], async_op=True)
+        if unit.backward_reads_weights:
+            self.gather(unit)
+        upcoming = [u for u in self.backward_order[pos + 1 : -1] if u.backward_reads_weights]
+        self._read_ahead(upcoming, 0)
+        if self.prefetch_enabled and upcoming:
+            self.gather(upcoming[0], async_op=True)
 
     def _position(self, unit: Unit) -> int:
         for i, u in enumerate(self.backward_order):
