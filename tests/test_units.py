@@ -217,3 +217,30 @@ def test_grad_norm_on_flat_shards_matches_naive_norm(world):
     torch.nn.utils.clip_grad_norm_(params, 0.5)
     for p, g in zip(params, reference):
         torch.testing.assert_close(g * coef, p.grad)
+
+
+def test_only_stock_embedding_units_skip_the_backward_gather():
+    """Stage 3 does not gather a plain nn.Embedding unit in backward (its gradient needs the
+    indices, not the table); a subclass with its own forward may read the weight: gathered."""
+    from hf_zero.engine.stages import Unit
+
+    class Scaled(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * self.weight.norm()
+
+    class Renamed(nn.Embedding):
+        pass
+
+    def reads(module, is_root=False):
+        return Unit(0, "u", module, is_root, []).backward_reads_weights
+
+    assert not reads(nn.Embedding(10, 4)) and not reads(Renamed(10, 4))
+    assert reads(Scaled(10, 4)) and reads(nn.Linear(4, 4)) and reads(nn.Embedding(10, 4), is_root=True)
+    # the reason it is safe: autograd's embedding backward runs with the table's storage freed
+    emb = nn.Embedding(10, 4)
+    ids = torch.tensor([[1, 3, 3]])
+    out = emb(ids)
+    expected = torch.zeros(10, 4).index_add_(0, ids.reshape(-1), torch.ones(3, 4))
+    emb.weight.data.untyped_storage().resize_(0)
+    out.sum().backward()
+    torch.testing.assert_close(emb.weight.grad, expected)
