@@ -68,3 +68,20 @@ def test_direct_buffers_are_aligned_and_large_files_go_direct(tmp_path, monkeypa
     fastio.write_file(tmp_path / "small.st", {"x": torch.zeros(1000)})
     fastio.write_file(tmp_path / "big.st", {"x": torch.zeros(1 << 19)})
     assert opened == [tmp_path / "big.st"]  # the default: direct from DIRECT_MIN bytes on
+
+
+@pytest.mark.parametrize("direct", [False, None])
+def test_parts_are_written_as_the_joined_tensor(tmp_path, direct):
+    """An entry given as Parts (a shard's optimizer state as its pieces in place, zeros for the
+    padding) is the same file, byte for byte, as the joined tensor written plainly."""
+    g = torch.Generator().manual_seed(0)
+    pieces = [torch.randn(fastio.CHUNK // 4 + 17, generator=g), torch.zeros(3), torch.randn(1000, generator=g)]
+    other = {"z": torch.arange(5, dtype=torch.int64)}
+    size_j, sha_j = fastio.write_file(tmp_path / "joined.st", {"s": torch.cat(pieces), **other}, direct=direct)
+    size_p, sha_p = fastio.write_file(tmp_path / "parts.st", {"s": fastio.Parts(pieces), **other}, direct=direct)
+    assert (size_p, sha_p) == (size_j, sha_j)
+    assert (tmp_path / "parts.st").read_bytes() == (tmp_path / "joined.st").read_bytes()
+    with safe_open(str(tmp_path / "parts.st"), framework="pt") as f:
+        assert torch.equal(f.get_tensor("s"), torch.cat(pieces))
+    with pytest.raises(TypeError, match="share a dtype"):
+        fastio.Parts([torch.zeros(2), torch.zeros(2, dtype=torch.float16)])

@@ -11,6 +11,9 @@ Note:
       paused to the kernel's estimate of the disk's writeback rate and then waits again in
       ``fsync``; direct writes move each chunk from user memory to the device as ``dd
       oflag=direct`` does, with nothing left to flush.
+    * An entry may be a :class:`Parts`: several 1-D tensors of one dtype written end to end as
+      one tensor, so a caller never joins them into a new buffer first (a checkpoint's optimizer
+      state of a shard is its pieces, one per parameter group, in place in the optimizer).
     * Writing (direct): the header and the tensors' bytes are copied, in file order, into
       ``NBUF`` 4 KiB-aligned staging buffers of ``CHUNK`` bytes (``Tensor.copy_`` releases the
       GIL). A full buffer is handed to a writer thread (``os.pwrite``) and to a hash thread
@@ -84,6 +87,36 @@ def _u8(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8)
 
 
+class Parts:
+    """One safetensors entry made of several tensors of one dtype, flattened and written end to
+    end (a 1-D tensor of ``numel()`` elements). The parts are not copied or joined in memory."""
+
+    def __init__(self, parts):
+        self.parts = [p.detach().reshape(-1) for p in parts]
+        if not self.parts:
+            raise ValueError("Parts needs at least one tensor")
+        dtypes = {p.dtype for p in self.parts}
+        if len(dtypes) != 1:
+            raise TypeError(f"Parts of one entry must share a dtype, got {sorted(map(str, dtypes))}")
+        self.dtype = self.parts[0].dtype
+        self.shape = (sum(p.numel() for p in self.parts),)
+
+    def numel(self) -> int:
+        return self.shape[0]
+
+    def element_size(self) -> int:
+        return self.parts[0].element_size()
+
+    def joined(self) -> torch.Tensor:
+        """The entry as one tensor (a copy; for readers and tests, not the write path)."""
+        return torch.cat(self.parts)
+
+
+def _sources(t) -> List[torch.Tensor]:
+    """The bytes of an entry (a tensor or :class:`Parts`) as uint8 CPU tensors, in file order."""
+    return [_u8(p) for p in t.parts] if isinstance(t, Parts) else [_u8(t)]
+
+
 def _bytes_of(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without copying them."""
     return _mv(_u8(t))
@@ -135,7 +168,7 @@ def _open_direct(path: Path, flags: int) -> Optional[int]:
         raise
 
 
-def write_file(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None,
+def write_file(path: Path, tensors: Dict[str, "torch.Tensor | Parts"], metadata: Optional[Dict[str, str]] = None,
                fsync: bool = True, hash_bytes: bool = True, direct: Optional[bool] = None) -> Tuple[int, Optional[str]]:
     """Write ``tensors`` as a safetensors file at ``path``; returns (size in bytes, sha256 hex or
     None). ``direct``: None = ``O_DIRECT`` when the file has at least ``DIRECT_MIN`` bytes and
@@ -144,7 +177,7 @@ def write_file(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[
     # widest elements first: every tensor then starts aligned to its element size
     tensors = dict(sorted(tensors.items(), key=lambda kv: -kv[1].element_size()))
     header = _header(tensors, metadata)
-    sources = [_u8(t) for t in tensors.values()]
+    sources = [src for t in tensors.values() for src in _sources(t)]
     total = len(header) + sum(s.numel() for s in sources)
     try:
         sha, done = None, False

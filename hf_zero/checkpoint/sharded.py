@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from safetensors import safe_open
 
-from .fastio import LoadedFile, read_file, write_file
+from .fastio import LoadedFile, Parts, read_file, write_file
 from .format import (
     FORMAT,
     INDEX,
@@ -123,6 +123,22 @@ def _to_host(t: torch.Tensor, snapshot: bool, dtype: Optional[torch.dtype] = Non
     return out
 
 
+def _shard_entry(spans: list, numel: int, snapshot: bool):
+    """One optimizer state of a flat's shard, ``numel`` elements, from its pieces' tensors
+    ``(start, end, value)``: the pieces in place (a :class:`Parts`, nothing joined or copied
+    unless ``snapshot`` or on a device), with zeros where no piece is (the shard's padding)."""
+    dtype = spans[0][2].dtype
+    parts, pos = [], 0
+    for start, end, value in sorted(spans, key=lambda s: s[0]):
+        if start > pos:
+            parts.append(torch.zeros(start - pos, dtype=dtype))
+        parts.append(_to_host(value.reshape(-1), snapshot, dtype))
+        pos = end
+    if pos < numel:
+        parts.append(torch.zeros(numel - pos, dtype=dtype))
+    return parts[0] if len(parts) == 1 else Parts(parts)
+
+
 def _rank_tensors(engine, snapshot: bool = False) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, float]]]:
     """This rank's tensors (master, element-wise optimizer states, frozen params, RNG), and per
     param group the optimizer's 0-d states (e.g. Adam's ``step``) seen on this rank.
@@ -143,6 +159,7 @@ def _rank_tensors(engine, snapshot: bool = False) -> Tuple[Dict[str, torch.Tenso
                 continue
             with engine.resident(f):
                 out[f"{key}.master"] = _to_host(f.master, snapshot, torch.float32)
+                spans: Dict[str, list] = {}  # state key -> (start, end, value) per piece
                 for piece in pieces_by_flat.get(trainable_index[id(f)], []):
                     for skey, value in engine.optimizer.state.get(piece.param, {}).items():
                         if not torch.is_tensor(value) or value.dim() == 0:
@@ -153,10 +170,9 @@ def _rank_tensors(engine, snapshot: bool = False) -> Tuple[Dict[str, torch.Tenso
                                 f"optimizer state {skey!r} has {value.numel()} elements for a piece of "
                                 f"{piece.end - piece.start}: the optimizer is not element-wise"
                             )
-                        name = f"{key}.state.{skey}"
-                        if name not in out:
-                            out[name] = torch.zeros(f.shard_numel, dtype=value.dtype)
-                        out[name][piece.start : piece.end] = value.detach().reshape(-1).cpu()
+                        spans.setdefault(f"{key}.state.{skey}", []).append((piece.start, piece.end, value))
+                for name, parts in spans.items():
+                    out[name] = _shard_entry(parts, f.shard_numel, snapshot)
     out["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and engine.device.type == "cuda":
         out["rng.cuda"] = torch.cuda.get_rng_state(engine.device)
@@ -590,6 +606,9 @@ def restore(engine, directory: Path, index, reader, *, load_optimizer_states: bo
     pieces_by_flat: Dict[int, list] = {}
     for piece in engine.pieces:
         pieces_by_flat.setdefault(piece.flat_index, []).append(piece)
+    # the optimizer's state tensors of the same shapes are filled in place (a load into a
+    # running engine then touches no new memory); with offload they live elsewhere: not reused
+    previous = dict(engine.optimizer.state) if load_optimizer_states and engine.host is None else {}
     if load_optimizer_states:
         engine.optimizer.state.clear()
         if engine.host is not None:
@@ -608,25 +627,14 @@ def restore(engine, directory: Path, index, reader, *, load_optimizer_states: bo
                     engine.write_shard(f, buf, donate=True)
                     _refresh_full(engine, f)
                     continue
-                master = torch.zeros(f.shard_numel, dtype=torch.float32)
-                states: Dict[str, torch.Tensor] = {}
-                for s in segs:
-                    e = index.params[f.names[s.param_index]]
-                    sl = slice(s.shard_start, s.shard_start + s.length)
-                    kind = "master" if e.trainable else "param"
-                    reader.read(e.flat, kind, e.offset + s.param_start, s.length, master[sl])
-                    if load_optimizer_states and e.trainable:
-                        for skey in _state_keys(reader, index, e.flat):
-                            if skey not in states:
-                                states[skey] = torch.zeros(f.shard_numel, dtype=torch.float32)
-                            reader.read(e.flat, f"state.{skey}", e.offset + s.param_start, s.length, states[skey][sl])
                 with engine.resident(f, write_back=True):
-                    f.master.copy_(master.to(f.master.device))
+                    _restore_master(reader, index, f, segs)
                     if not f.master_is_shard:
                         engine.write_shard(f, f.master)
                     if load_optimizer_states:
                         for piece in pieces_by_flat.get(trainable_index[id(f)], []):
-                            st = {k: v[piece.start : piece.end].clone().to(f.master.device) for k, v in states.items()}
+                            st = _restore_piece_states(reader, index, f, segs, piece,
+                                                       previous.pop(piece.param, {}))
                             if st or scalar[piece.group]:
                                 for k, v in scalar[piece.group].items():
                                     st[k] = torch.tensor(v, dtype=torch.float32)
@@ -664,6 +672,51 @@ def restore(engine, directory: Path, index, reader, *, load_optimizer_states: bo
         _restore_rng(reader, index, engine)
     engine.comm.barrier()
     return directory, _from_json(index.data.get("client_state") or {})
+
+
+def _restore_master(reader, index, f, segs) -> None:
+    """Read the fp32 master of flat ``f``'s shard from the checkpoint, straight into
+    ``f.master`` (through a CPU buffer when it lives on a device); padding reads as zero."""
+    out = f.master if f.master.device.type == "cpu" else torch.empty(f.shard_numel, dtype=torch.float32)
+    covered = sum(s.length for s in segs)
+    if covered < f.shard_numel:
+        out.zero_()
+    for s in segs:
+        e = index.params[f.names[s.param_index]]
+        reader.read(e.flat, "master" if e.trainable else "param", e.offset + s.param_start, s.length,
+                    out[s.shard_start : s.shard_start + s.length])
+    if out is not f.master:
+        f.master.copy_(out)
+
+
+def _restore_piece_states(reader, index, f, segs, piece, previous: dict) -> Dict[str, torch.Tensor]:
+    """The element-wise optimizer states of one piece (``master[piece.start:piece.end]``) read
+    from the checkpoint, into ``previous``'s tensors where their shape, dtype and device fit
+    (filled in place), else into new ones. Elements whose parameter has no saved state (frozen
+    when the checkpoint was written) are zero."""
+    n = piece.end - piece.start
+    inside = [s for s in segs if piece.start <= s.shard_start < piece.end and s.length > 0]
+    keys_of = {id(s): (_state_keys(reader, index, index.params[f.names[s.param_index]].flat)
+                       if index.params[f.names[s.param_index]].trainable else []) for s in inside}
+    keys = sorted({k for ks in keys_of.values() for k in ks})
+    out: Dict[str, torch.Tensor] = {}
+    for k in keys:
+        old = previous.get(k)
+        if (torch.is_tensor(old) and old.shape == (n,) and old.dtype == torch.float32
+                and old.device == f.master.device):
+            t = old
+        else:
+            t = torch.empty(n, dtype=torch.float32, device=f.master.device)
+        missing = n - sum(s.length for s in inside if k in keys_of[id(s)])
+        if missing:
+            t.zero_()
+        for s in inside:
+            if k in keys_of[id(s)]:
+                e = index.params[f.names[s.param_index]]
+                a = s.shard_start - piece.start
+                reader.read(e.flat, f"state.{k}", e.offset + s.param_start, s.length, t[a : a + s.length])
+        out[k] = t
+    return out
 
 
 def saved_accumulation(data: dict) -> Optional[int]:
