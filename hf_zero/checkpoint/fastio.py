@@ -24,7 +24,10 @@ Note:
       in chunks of ``CHUNK`` bytes, hashed in a helper thread while the next chunk is written;
       fsynced before ``write_file`` returns.
     * Reading: ``read_file`` reads a whole file into one 4 KiB-aligned buffer (direct: straight
-      from the device into it), hashing chunk i in a helper thread while chunk i+1 is read; the
+      from the device into it), hashing chunk i in a helper thread while chunk i+1 is read, and
+      faulting in the pages of chunk i+2 in another meanwhile (a direct read into never-touched memory
+      faults its pages inside the read call, serialized with the transfer: two ranks reading
+      at once ran at half of ``dd``'s speed that way, at ``dd``'s with the pages touched); the
       caller compares the digest with the index before using any byte. Tensors are then views of
       that buffer (no second copy). ``hash_file`` is the same read pipeline into two buffers.
 """
@@ -328,11 +331,20 @@ def _read_file(path: Path, hash_bytes: bool, direct: Optional[bool]) -> Tuple[to
     whole = _mv(buf.as_strided((_round_up(max(size, 1)),), (1,)))  # the last block may be filled
     h = hashlib.sha256() if hash_bytes else None
     src = _Source(Path(path), size, direct)
+    raw = buf.as_strided((_round_up(max(size, 1)),), (1,))
+
+    def touch(at: int) -> None:  # fault in the pages of the chunk at ``at`` (see the module note)
+        raw[at : at + CHUNK].zero_()
+
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="hf_zero-hash") as pool:
+        with ThreadPoolExecutor(1, thread_name_prefix="hf_zero-hash") as pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="hf_zero-touch") as toucher:
             pending, pos = None, 0
+            touched = toucher.submit(touch, 0)
             while pos < size:
                 want = min(CHUNK, _round_up(size - pos))
+                touched.result()
+                touched = toucher.submit(touch, pos + CHUNK)  # the next chunk, while this one is read
                 n = min(_pread_into(src.fd, whole[pos : pos + want], pos, min(CHUNK, size - pos)), size - pos)
                 if pending is not None:
                     pending.result()
