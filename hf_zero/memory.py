@@ -83,8 +83,9 @@ def backward_gathered_numel(unit_numels: Sequence[int], forward_order: Sequence[
     element counts, the indices of the units in forward order (root excluded) and the indices
     of plain ``nn.Embedding`` units: every unit but the last of forward (carried into backward)
     and the embeddings (their backward reads no weight)."""
+    ran = set(forward_order)
     skip = set(embedding_units) | ({forward_order[-1]} if forward_order else set())
-    return sum(n for i, n in enumerate(unit_numels) if i in set(forward_order) and i not in skip)
+    return sum(n for i, n in enumerate(unit_numels) if i in ran and i not in skip)
 
 
 # ---------------------------------------------------------------------------- bytes by link

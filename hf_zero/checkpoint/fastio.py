@@ -25,11 +25,11 @@ Note:
       fsynced before ``write_file`` returns.
     * Reading: ``read_file`` reads a whole file into one 4 KiB-aligned buffer (direct: straight
       from the device into it), hashing chunk i in a helper thread while chunk i+1 is read, and
-      faulting in the pages of chunk i+2 in another meanwhile (a direct read into never-touched memory
-      faults its pages inside the read call, serialized with the transfer: two ranks reading
-      at once ran at half of ``dd``'s speed that way, at ``dd``'s with the pages touched); the
-      caller compares the digest with the index before using any byte. Tensors are then views of
-      that buffer (no second copy). ``hash_file`` is the same read pipeline into two buffers.
+      faulting in the pages of chunk i+2 in another meanwhile (a direct read into never-touched
+      memory faults its pages inside the read call, serialized with the transfer: two ranks
+      reading at once ran at about half of ``dd``'s speed that way, at ``dd``'s with the pages
+      touched); the caller compares the digest with the index before using any byte. Tensors
+      are then views of that buffer (no second copy). ``hash_file`` is the same read pipeline into two buffers.
 """
 
 from __future__ import annotations
@@ -109,10 +109,6 @@ class Parts:
 
     def element_size(self) -> int:
         return self.parts[0].element_size()
-
-    def joined(self) -> torch.Tensor:
-        """The entry as one tensor (a copy; for readers and tests, not the write path)."""
-        return torch.cat(self.parts)
 
 
 def _sources(t) -> List[torch.Tensor]:
