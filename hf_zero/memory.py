@@ -167,8 +167,8 @@ def link_bytes_per_step(flats, stage: int, nodes: int, ranks_per_node: int, *, a
             for _ in range(accum):
                 ring(shard_groups, (m - 1) * wq)  # forward
                 if not gathered_in_backward:
-                    pass
-                elif hpz_partition_size > 1:
+                    continue  # carried from forward, or a weight its backward never reads
+                if hpz_partition_size > 1:
                     h = hpz_partition_size
                     ring(_groups(world, h), (h - 1) * (numel // h) * param_bytes)
                 else:

@@ -29,7 +29,8 @@ Note:
       memory faults its pages inside the read call, serialized with the transfer: two ranks
       reading at once ran at about half of ``dd``'s speed that way, at ``dd``'s with the pages
       touched); the caller compares the digest with the index before using any byte. Tensors
-      are then views of that buffer (no second copy). ``hash_file`` is the same read pipeline into two buffers.
+      are then views of that buffer (no second copy). ``hash_file`` is the same read pipeline
+      into two buffers.
 """
 
 from __future__ import annotations
@@ -324,10 +325,10 @@ def read_file(path: Path, hash_bytes: bool = True, direct: Optional[bool] = None
 def _read_file(path: Path, hash_bytes: bool, direct: Optional[bool]) -> Tuple[torch.Tensor, Optional[str]]:
     size = os.stat(path).st_size
     buf = aligned_bytes(size)
-    whole = _mv(buf.as_strided((_round_up(max(size, 1)),), (1,)))  # the last block may be filled
+    raw = buf.as_strided((_round_up(max(size, 1)),), (1,))  # the last block may be filled
+    whole = _mv(raw)
     h = hashlib.sha256() if hash_bytes else None
     src = _Source(Path(path), size, direct)
-    raw = buf.as_strided((_round_up(max(size, 1)),), (1,))
 
     def touch(at: int) -> None:  # fault in the pages of the chunk at ``at`` (see the module note)
         raw[at : at + CHUNK].zero_()

@@ -695,10 +695,12 @@ def _restore_piece_states(reader, index, f, segs, piece, previous: dict) -> Dict
     (filled in place), else into new ones. Elements whose parameter has no saved state (frozen
     when the checkpoint was written) are zero."""
     n = piece.end - piece.start
-    inside = [s for s in segs if piece.start <= s.shard_start < piece.end and s.length > 0]
-    keys_of = {id(s): (_state_keys(reader, index, index.params[f.names[s.param_index]].flat)
-                       if index.params[f.names[s.param_index]].trainable else []) for s in inside}
-    keys = sorted({k for ks in keys_of.values() for k in ks})
+    inside = []  # (segment, its checkpoint entry, the state keys saved for it)
+    for s in segs:
+        if piece.start <= s.shard_start < piece.end and s.length > 0:
+            e = index.params[f.names[s.param_index]]
+            inside.append((s, e, _state_keys(reader, index, e.flat) if e.trainable else []))
+    keys = sorted({k for _, _, ks in inside for k in ks})
     out: Dict[str, torch.Tensor] = {}
     for k in keys:
         old = previous.get(k)
@@ -707,12 +709,10 @@ def _restore_piece_states(reader, index, f, segs, piece, previous: dict) -> Dict
             t = old
         else:
             t = torch.empty(n, dtype=torch.float32, device=f.master.device)
-        missing = n - sum(s.length for s in inside if k in keys_of[id(s)])
-        if missing:
+        if n > sum(s.length for s, _, ks in inside if k in ks):
             t.zero_()
-        for s in inside:
-            if k in keys_of[id(s)]:
-                e = index.params[f.names[s.param_index]]
+        for s, e, ks in inside:
+            if k in ks:
                 a = s.shard_start - piece.start
                 reader.read(e.flat, f"state.{k}", e.offset + s.param_start, s.length, t[a : a + s.length])
         out[k] = t
