@@ -763,7 +763,9 @@ class HFZeroConfig:
     LOCAL_WORLD_SIZE); it decides which bytes count as cross-node and where ZeRO++ groups end.
     async_save: the default of ``save_checkpoint(async_save=...)``, and so of the Trainer's and
     Accelerate's checkpoint saves: return once the shards are in host memory, write the files in
-    a background thread (see docs/checkpoints.md).
+    a background thread (see docs/checkpoints.md). async_save_keep_staging: keep the host memory
+    of an asynchronous save's snapshot for the next one (one rank file of host RAM held between
+    saves; the next snapshot then copies into memory already touched, hf_zero.checkpoint.staging).
     """
 
     skip_non_finite_steps: bool = True
@@ -774,6 +776,7 @@ class HFZeroConfig:
     swap_checksums: bool = True
     ranks_per_node: int | None = None
     async_save: bool = False
+    async_save_keep_staging: bool = True
 
     def __post_init__(self) -> None:
         s = object.__setattr__
@@ -784,6 +787,7 @@ class HFZeroConfig:
         s(self, "swap_checksums", _bool("swap_checksums", self.swap_checksums))
         s(self, "ranks_per_node", _int("ranks_per_node", self.ranks_per_node, minimum=1, optional=True))
         s(self, "async_save", _bool("async_save", self.async_save))
+        s(self, "async_save_keep_staging", _bool("async_save_keep_staging", self.async_save_keep_staging))
         for key in ("save_on_signal", "save_on_signal_tag"):
             value = getattr(self, key)
             if isinstance(value, os.PathLike):

@@ -53,12 +53,18 @@ def compare(payload, out_dir: Path):
     engine.save_checkpoint(asyn, tag="t2", async_save=True)
     blocked = time.perf_counter() - t
     published_early = (asyn / "latest").exists() or (asyn / "t2").exists()
+    staged = engine._checkpoint_staging  # the snapshot's memory (None unless kept)
+    first = {k: v.data_ptr() for k, v in staged._held.items()} if staged is not None else {}
     losses += _train(engine, 2, 4, rank, world)  # changes the master and the states in place
     engine.save_checkpoint(asyn, tag="t4", async_save=True)  # waits for t2 first
+    again = engine._checkpoint_staging
+    reused = again is staged and {k: v.data_ptr() for k, v in again._held.items()} == first if staged else False
     engine.wait_for_checkpoint()
     engine.save_checkpoint(sync, tag="t4")
     engine.destroy()
-    return {"losses": losses, "blocked": blocked, "published_early": published_early}
+    return {"losses": losses, "blocked": blocked, "published_early": published_early,
+            "staging_bytes": staged.nbytes() if staged is not None else 0, "staging_reused": reused,
+            "staging_after_destroy": engine._checkpoint_staging is not None}
 
 
 def crash(payload, out_dir: Path):

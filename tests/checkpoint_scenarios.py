@@ -26,7 +26,8 @@ def engine_for(payload, world):
     opt = torch.optim.AdamW(grouped_params(model), lr=1e-2, weight_decay=0.1)
     cfg = {"train_batch_size": GLOBAL_BATCH, "gradient_accumulation_steps": payload.get("accumulate", 1),
            "gradient_clipping": 1.0,
-           "zero_optimization": {"stage": payload["stage"], **payload.get("zero_extra", {})}}
+           "zero_optimization": {"stage": payload["stage"], **payload.get("zero_extra", {})},
+           **payload.get("config_extra", {})}
     sched = lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)  # noqa: E731
     engine, _, _, _ = hf_zero.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg)
     return engine

@@ -24,13 +24,32 @@ def _files(d: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_async_equals_sync_and_training_does_not_leak(tmp_path, stage):
+def _tensors(d: Path, rank: int) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(d / f"rank{rank:05d}-of-00002.safetensors"))
+
+
+def _unstaged_bytes(d: Path, rank: int) -> int:
+    """The bytes of a rank file's tensors that a snapshot makes new each time: the RNG states."""
+    return sum(t.numel() * t.element_size() for k, t in _tensors(d, rank).items() if k.startswith("rng."))
+
+
+@pytest.mark.parametrize("stage,keep", [(2, True), (3, True), (3, False)])
+def test_async_equals_sync_and_training_does_not_leak(tmp_path, stage, keep):
     sync, asyn = tmp_path / "sync", tmp_path / "async"
-    out = launch(2, "async_scenarios:compare", {"stage": stage, "sync": str(sync), "async": str(asyn), "delay": 1.0},
-                 tmp_path / "run")
+    payload = {"stage": stage, "sync": str(sync), "async": str(asyn), "delay": 1.0,
+               "config_extra": {"hf_zero": {"async_save_keep_staging": keep}}}
+    out = launch(2, "async_scenarios:compare", payload, tmp_path / "run")
     # the write was held back 1 s: the call returned long before, and nothing was published early
     assert all(o["blocked"] < 1.0 and not o["published_early"] for o in out), out
+    # the second snapshot went into the first one's memory (kept while t2 was being written, so
+    # the byte-for-byte comparison below also shows t4's snapshot did not overwrite t2's write),
+    # and that memory is the size of the tensors of the rank's file; destroy() releases it
+    for rank, o in enumerate(out):
+        assert o["staging_reused"] is keep and o["staging_after_destroy"] is False
+        tensors_bytes = sum(t.numel() * t.element_size() for t in _tensors(asyn / "t2", rank).values())
+        assert o["staging_bytes"] == (tensors_bytes - _unstaged_bytes(asyn / "t2", rank) if keep else 0)
     for tag in ("t2", "t4"):  # byte for byte: rank files (tensors, RNG) and index (steps, scheduler, hashes)
         assert _files(asyn / tag) == _files(sync / tag), tag
         Index.read(asyn / tag).check_files()
@@ -179,3 +198,29 @@ def test_accelerate_save_state_async(tmp_path, how):
                                                                  "skip_batches": 4}, tmp_path / "b")[0]
     assert rest["losses"] == saved["losses"][2:]
     assert rest["lr"] == saved["lr"] and rest["weights_sum"] == saved["weights_sum"]
+
+
+def test_snapshot_staging_refills_its_memory_and_never_aliases_the_source():
+    from hf_zero.checkpoint.staging import SnapshotStaging
+
+    staging = SnapshotStaging()
+    src = torch.arange(6, dtype=torch.float32)
+    staging.begin()
+    a = staging.copy("m", src)
+    b = staging.copy("s", src.to(torch.bfloat16), torch.float32)  # converted on the way in
+    staging.end()
+    assert a.data_ptr() != src.data_ptr() and torch.equal(a, src) and torch.equal(b, src)
+    src.add_(1)  # training changes the source: the snapshot does not move
+    assert torch.equal(a, torch.arange(6, dtype=torch.float32))
+    staging.begin()
+    a2 = staging.copy("m", src)  # same shape and dtype: the same memory, refilled
+    c = staging.copy("m2", src[:4])
+    staging.end()
+    assert a2.data_ptr() == a.data_ptr() and torch.equal(a2, src)
+    assert set(staging._held) == {"m", "m2"}  # "s" was not part of this snapshot: dropped
+    assert staging.nbytes() == (6 + 4) * 4
+    staging.begin()
+    a3 = staging.copy("m", src[:3])  # a new shape: new memory
+    staging.end()
+    assert a3.shape == (3,) and torch.equal(a3, src[:3]) and set(staging._held) == {"m"}
+    assert c.shape == (4,)

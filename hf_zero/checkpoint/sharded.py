@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 
 from .fastio import LoadedFile, Parts, read_file, write_file
+from .staging import SnapshotStaging
 from .format import (
     FORMAT,
     INDEX,
@@ -113,36 +114,38 @@ def _export_names(module: torch.nn.Module) -> Dict[int, Tuple[str, List[str]]]:
 
 
 # ---------------------------------------------------------------------------------------- save
-def _to_host(t: torch.Tensor, snapshot: bool, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``t`` on the CPU, contiguous; with ``snapshot`` never sharing memory with ``t`` (so later
-    training cannot change what a background write sends to disk)."""
+def _to_host(t: torch.Tensor, staging: Optional[SnapshotStaging], key: str,
+             dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``t`` on the CPU, contiguous; with ``staging`` a copy in its memory kept under ``key``
+    (never sharing memory with ``t``: later training cannot change what a background write
+    sends to disk)."""
+    if staging is not None:
+        return staging.copy(key, t, dtype)
     src = t.detach()
-    out = src.to(device="cpu", dtype=dtype or src.dtype).contiguous()
-    if snapshot and out.numel() and out.data_ptr() == src.data_ptr():
-        out = out.clone()
-    return out
+    return src.to(device="cpu", dtype=dtype or src.dtype).contiguous()
 
 
-def _shard_entry(spans: list, numel: int, snapshot: bool):
+def _shard_entry(spans: list, numel: int, staging: Optional[SnapshotStaging], key: str):
     """One optimizer state of a flat's shard, ``numel`` elements, from its pieces' tensors
     ``(start, end, value)``: the pieces in place (a :class:`Parts`, nothing joined or copied
-    unless ``snapshot`` or on a device), with zeros where no piece is (the shard's padding)."""
+    unless staged or on a device), with zeros where no piece is (the shard's padding)."""
     dtype = spans[0][2].dtype
     parts, pos = [], 0
     for start, end, value in sorted(spans, key=lambda s: s[0]):
         if start > pos:
             parts.append(torch.zeros(start - pos, dtype=dtype))
-        parts.append(_to_host(value.reshape(-1), snapshot, dtype))
+        parts.append(_to_host(value.reshape(-1), staging, f"{key}@{start}", dtype))
         pos = end
     if pos < numel:
         parts.append(torch.zeros(numel - pos, dtype=dtype))
     return parts[0] if len(parts) == 1 else Parts(parts)
 
 
-def _rank_tensors(engine, snapshot: bool = False) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, float]]]:
+def _rank_tensors(engine, staging: Optional[SnapshotStaging] = None
+                  ) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, float]]]:
     """This rank's tensors (master, element-wise optimizer states, frozen params, RNG), and per
     param group the optimizer's 0-d states (e.g. Adam's ``step``) seen on this rank.
-    ``snapshot``: every tensor is a copy (the asynchronous save writes it later)."""
+    ``staging``: every tensor is a copy in its memory (the asynchronous save writes it later)."""
     out: Dict[str, torch.Tensor] = {}
     scalars: List[Dict[str, float]] = [{} for _ in engine.optimizer.param_groups]
     pieces_by_flat: Dict[int, list] = {}
@@ -155,10 +158,10 @@ def _rank_tensors(engine, snapshot: bool = False) -> Tuple[Dict[str, torch.Tenso
             if engine.rank >= f.shard_world:
                 continue  # stage 0: rank 0's copy is the checkpoint; MiCS: shard group 0's
             if not f.trainable:
-                out[f"{key}.param"] = _to_host(engine.read_shard(f), snapshot)
+                out[f"{key}.param"] = _to_host(engine.read_shard(f), staging, f"{key}.param")
                 continue
             with engine.resident(f):
-                out[f"{key}.master"] = _to_host(f.master, snapshot, torch.float32)
+                out[f"{key}.master"] = _to_host(f.master, staging, f"{key}.master", torch.float32)
                 spans: Dict[str, list] = {}  # state key -> (start, end, value) per piece
                 for piece in pieces_by_flat.get(trainable_index[id(f)], []):
                     for skey, value in engine.optimizer.state.get(piece.param, {}).items():
@@ -172,7 +175,7 @@ def _rank_tensors(engine, snapshot: bool = False) -> Tuple[Dict[str, torch.Tenso
                             )
                         spans.setdefault(f"{key}.state.{skey}", []).append((piece.start, piece.end, value))
                 for name, parts in spans.items():
-                    out[name] = _shard_entry(parts, f.shard_numel, snapshot)
+                    out[name] = _shard_entry(parts, f.shard_numel, staging, name)
     out["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and engine.device.type == "cuda":
         out["rng.cuda"] = torch.cuda.get_rng_state(engine.device)
@@ -310,10 +313,15 @@ def save_checkpoint(engine, save_dir, tag: Optional[str] = None, client_state: O
         nbytes, tensors = 0, None
         try:
             engine.flush_pending_update()
-            tensors, scalars = _rank_tensors(engine, snapshot=async_save)
+            staging = _staging_of(engine) if async_save else None
+            if staging is not None:
+                staging.begin()
+            tensors, scalars = _rank_tensors(engine, staging)
             if engine.rank == 0:
                 for name, b in _persistent_buffers(engine.module).items():
-                    tensors[f"buffer.{name}"] = b.clone() if async_save else b
+                    tensors[f"buffer.{name}"] = _to_host(b, staging, f"buffer.{name}")
+            if staging is not None:
+                staging.end()
             nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
             meta = {"file": fname, "rng": _python_rng(), "scalar_states": scalars}
             if not async_save:
@@ -350,6 +358,17 @@ def save_checkpoint(engine, save_dir, tag: Optional[str] = None, client_state: O
             rank=engine.rank, world_size=engine.world_size, save_dir=save_dir, tag=tag, partial=partial,
             final=final, file_name=fname, tensors=tensors, index=index, save_latest=save_latest, nbytes=nbytes)
     return final
+
+
+def _staging_of(engine) -> SnapshotStaging:
+    """The host memory an asynchronous save copies into: the engine's, kept between saves, or a
+    new one when ``hf_zero.async_save_keep_staging`` is off (see staging.py)."""
+    staging = getattr(engine, "_checkpoint_staging", None)
+    if staging is None:
+        staging = SnapshotStaging(pin=engine.device.type == "cuda")
+        if engine.config.hf_zero.async_save_keep_staging:
+            engine._checkpoint_staging = staging
+    return staging
 
 
 def _as_os_error(exc: Exception) -> OSError:

@@ -146,6 +146,7 @@ class ZeroEngine(DeepSpeedEngineMethods):
         self._boundary_override: Optional[bool] = None  # set_gradient_accumulation_boundary
         self._last_grad_norm: Optional[torch.Tensor] = None
         self._pending_save = None  # an asynchronous checkpoint save in flight (checkpoint/async_save.py)
+        self._checkpoint_staging = None  # its snapshot's host memory, kept between saves (checkpoint/staging.py)
         self._last_comm = CommTotals()
 
         self._diverged_at_start: List[str] = []  # names of params whose values differed from rank 0's
@@ -1029,6 +1030,7 @@ class ZeroEngine(DeepSpeedEngineMethods):
             self.host.close()
         if self.param_swap is not None:
             self.param_swap.close()
+        self._checkpoint_staging = None  # a pending write holds its own references to the snapshot
         if self._pending_save is not None:  # the snapshot does not need the engine: wait last
             from ..checkpoint.async_save import wait_pending
 
