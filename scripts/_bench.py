@@ -43,6 +43,27 @@ def proc_status_kb(field: str) -> int:
     return -1
 
 
+def malloc_stats() -> dict:
+    """glibc's ``mallinfo2()`` in bytes: ``heap`` (the main arena's size, what ``brk`` holds),
+    ``in_use`` and ``free`` (allocated / free chunks inside it), ``mmapped`` (blocks malloc
+    mapped on their own); {} where glibc 2.33+ is not the allocator. Free heap chunks below
+    the topmost one in use stay resident: ``free`` is the RSS the heap holds for nothing."""
+    import ctypes
+
+    names = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in names]
+
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    fn.restype = MallInfo2
+    m = fn()
+    return {"heap": m.arena, "in_use": m.uordblks, "free": m.fordblks, "mmapped": m.hblkhd}
+
+
 def _git(*cmd):
     try:
         return subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True,

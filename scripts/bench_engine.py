@@ -51,6 +51,7 @@ from _bench import (  # noqa: E402,F401  (stdlib-only at import time; re-exporte
     free_port,
     loadavg,
     machine_info,
+    malloc_stats,
     markdown_table,
     per_rank,
     percentile,
@@ -240,12 +241,15 @@ def worker(args) -> None:
         v = Variant(keys[0], args, world)
         trace = [("built", proc_status_kb("VmRSS") * 1024, proc_status_kb("VmHWM") * 1024)]
         batches, _ = make_batches(args, rank, args.rss_steps)
+        heap = []
         for i, ids in enumerate(batches):
             dist.barrier()
             v.step(ids)
             trace.append((f"step {i + 1}", proc_status_kb("VmRSS") * 1024, proc_status_kb("VmHWM") * 1024))
+            heap.append(malloc_stats())
         dist.barrier()
         result["vmrss_vmhwm_trace_bytes"] = trace
+        result["malloc_after_each_step"] = heap
         result.update(
             variant=keys[0],
             baseline_vmhwm_bytes=baseline_hwm_kb * 1024,
@@ -374,6 +378,7 @@ def summarize(args, main_ranks, rss_ranks, machine, load_start, load_end) -> dic
             rr = rss_ranks[k]
             entry["peak_rss_bytes_per_rank"] = [r["ru_maxrss_bytes"] for r in rr]
             entry["baseline_vmhwm_bytes_per_rank"] = [r["baseline_vmhwm_bytes"] for r in rr]
+            entry["malloc_after_last_step_per_rank"] = [(r.get("malloc_after_each_step") or [{}])[-1] for r in rr]
         else:
             entry["peak_rss_bytes_per_rank"] = [None] * world
         out["variants"][k] = entry
@@ -430,6 +435,15 @@ def render(summary: dict) -> str:
     if base:
         lines.append(f"  (baseline before any model: {min(base) / MB:.0f}-{max(base) / MB:.0f} MB; glibc malloc, "
                      "so freed heap memory can stay resident and count in the peak)")
+    heaps = [(e["name"], e.get("malloc_after_last_step_per_rank") or []) for e in summary["variants"].values()]
+    if any(h and h[0] for _, h in heaps):
+        lines.append("  glibc malloc after the last RSS step, rank 0 (MB): heap size = in use + free; free heap "
+                     "chunks below the topmost one in use stay resident")
+        for name, h in heaps:
+            if h and h[0]:
+                m = h[0]
+                lines.append(f"    {name:<16} heap {m['heap'] / MB:.0f} = {m['in_use'] / MB:.0f} in use + "
+                             f"{m['free'] / MB:.0f} free; malloc's own mappings {m['mmapped'] / MB:.0f}")
     ddp = summary["variants"].get("ddp")
     if ddp and ddp.get("ddp_bucket_bytes_not_counted_per_rank", [None])[0]:
         lines.append(
