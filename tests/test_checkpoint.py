@@ -4,8 +4,10 @@ are the reference."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +113,7 @@ def test_index_describes_every_parameter(runs):
     # no pickle: every file is JSON or safetensors
     for f in (root / "ckpt" / "global_step3").iterdir():
         assert f.suffix in (".json", ".safetensors"), f
+    _assert_export_ranges(root / "ckpt" / "global_step3")  # two ranks' files
 
 
 def _logits(model_dir_or_model, ids):
@@ -287,3 +290,139 @@ def test_resumed_micro_steps_follow_the_new_accumulation(tmp_path):
     assert resumed_micro_steps(mid, 2, tmp_path) == 7
     with pytest.raises(CheckpointError, match=r"micro-batch 1 of an accumulation of 2.*gradient_accumulation_steps=2"):
         resumed_micro_steps(mid, 4, tmp_path)
+
+
+# ------------------------------------------------- the export range: what consolidate verifies
+def _entries(path: Path) -> dict:
+    """{entry: (first byte, end byte) in the file}, from the safetensors header of ``path``."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    head = json.loads(raw[8 : 8 + n])
+    head.pop("__metadata__", None)
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in head.items()}
+
+
+def _assert_export_ranges(directory: Path) -> dict:
+    """Every rank file's index entry records its export range: hashlib's sha256 of its first
+    ``bytes`` bytes, which hold every master, frozen param and buffer, and no optimizer state or
+    RNG state behind them (this model's entries are all 4-byte aligned: nothing joins the lead)."""
+    files = json.loads((directory / "index.json").read_text())["files"]
+    for name, meta in files.items():
+        raw = (directory / name).read_bytes()
+        n = meta["export"]["bytes"]
+        assert meta["size"] == len(raw) and meta["sha256"] == hashlib.sha256(raw).hexdigest()
+        assert meta["export"]["sha256"] == hashlib.sha256(raw[:n]).hexdigest()
+        for entry, (start, end) in _entries(directory / name).items():
+            if entry.endswith((".master", ".param")) or entry.startswith("buffer."):
+                assert end <= n, (name, entry)
+            else:
+                assert start >= n, (name, entry)
+        assert any(".state." in e for e in _entries(directory / name)) and n < len(raw)
+    return files
+
+
+def test_index_records_export_range_sync_and_async(tmp_path):
+    engine = _engine()
+    sync = engine.save_checkpoint(tmp_path / "sync")
+    asyn = engine.save_checkpoint(tmp_path / "async", async_save=True)
+    engine.wait_for_checkpoint()
+    assert _assert_export_ranges(asyn) == _assert_export_ranges(sync)  # the same state, the same files
+
+
+def _flip(path: Path, entry: str) -> None:
+    """Invert one byte in the middle of ``entry``'s bytes in the file."""
+    start, end = _entries(path)[entry]
+    data = bytearray(path.read_bytes())
+    data[(start + end) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _weights(out: Path) -> dict:
+    return load_file(str(out / "model.safetensors"))
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_consolidate_verifies_the_export_range_only(saved, tmp_path):
+    """Altered optimizer-state bytes (outside the export range) do not stop an export, which
+    reads none of them; an altered master byte does, naming the file, with no weights written."""
+    _, path = saved
+    f = next(path.glob("rank*.safetensors"))
+    consolidate(path, tmp_path / "ref", progress=False)
+    _flip(f, "u2.f0.state.exp_avg_sq")
+    consolidate(path, tmp_path / "out", progress=False)
+    _assert_same_weights(_weights(tmp_path / "out"), _weights(tmp_path / "ref"))
+    _flip(f, "u2.f0.master")
+    with pytest.raises(CheckpointError, match=f"{f.name}.*sha256"):
+        consolidate(path, tmp_path / "bad", progress=False)
+    assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == []  # no model*.safetensors, no .part-*
+
+
+def test_load_still_verifies_whole_files(saved):
+    engine, path = saved
+    f = next(path.glob("rank*.safetensors"))
+    _flip(f, "u2.f0.state.exp_avg")
+    before = engine.full_state_dict()
+    with pytest.raises(CheckpointError, match=f"{f.name}.*sha256"):
+        engine.load_checkpoint(path.parent)
+    _assert_untouched(engine, before)
+
+
+@pytest.mark.parametrize("edit,altered", [
+    ("removed", "u2.f0.state.exp_avg"),  # an index written before the field: the whole file is hashed
+    ("header_only", "u2.f0.master"),     # a range that leaves out masters the export reads: likewise
+])
+def test_consolidate_hashes_whole_files_without_a_usable_export_range(saved, tmp_path, edit, altered):
+    _, path = saved
+    f = next(path.glob("rank*.safetensors"))
+    consolidate(path, tmp_path / "ref", progress=False)
+    index = json.loads((path / "index.json").read_text())
+    for name, meta in index["files"].items():
+        if edit == "removed":
+            del meta["export"]
+        else:  # a correct digest of the header alone
+            raw = (path / name).read_bytes()
+            n = 8 + struct.unpack("<Q", raw[:8])[0]
+            meta["export"] = {"bytes": n, "sha256": hashlib.sha256(raw[:n]).hexdigest()}
+    (path / "index.json").write_text(json.dumps(index))
+    consolidate(path, tmp_path / "out", progress=False)
+    _assert_same_weights(_weights(tmp_path / "out"), _weights(tmp_path / "ref"))
+    _flip(f, altered)
+    with pytest.raises(CheckpointError, match=f"{f.name}: sha256 differs"):
+        consolidate(path, tmp_path / "bad", progress=False)
+    assert not list((tmp_path / "bad").glob("model*.safetensors"))
+
+
+def test_malformed_export_range_is_a_corrupt_index(saved):
+    _, path = saved
+    index = json.loads((path / "index.json").read_text())
+    meta = next(iter(index["files"].values()))
+    meta["export"]["bytes"] = meta["size"] + 1
+    (path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="index.json: corrupt index.*export"):
+        Index.read(path)
+
+
+def test_buffers_are_in_the_export_range(tmp_path):
+    """A module's persistent buffers (an int64 counter, fp32 running statistics) are exported, so
+    they lie in the export range with the masters: altered optimizer states pass, an altered
+    running mean is refused."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3))
+    engine, *_ = hf_zero.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                    config={"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}})
+    engine.backward(engine(torch.randn(4, 6)).pow(2).mean())
+    engine.step()
+    path = engine.save_checkpoint(tmp_path / "ck")
+    _assert_export_ranges(path)
+    f = next(path.glob("rank*.safetensors"))
+    _flip(f, "u0.f0.state.exp_avg")
+    consolidate(path, tmp_path / "out", progress=False)
+    sd = _weights(tmp_path / "out")
+    for name, b in model.named_buffers():
+        assert torch.equal(sd[name], b), name
+    _flip(f, "buffer.1.running_mean")
+    with pytest.raises(CheckpointError, match=f"{f.name}.*sha256"):
+        consolidate(path, tmp_path / "bad", progress=False)

@@ -37,7 +37,8 @@ def test_consolidate_refuses_flipped_bytes(saved, tmp_path, capsys):
     _, path = saved
     f = next(path.glob("rank*.safetensors"))
     data = bytearray(f.read_bytes())
-    data[-5] ^= 0xFF
+    # a byte of the last tensor the export reads (consolidate verifies the file's export range)
+    data[json.loads((path / "index.json").read_text())["files"][f.name]["export"]["bytes"] - 5] ^= 0xFF
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=f"{f.name}.*sha256"):
         consolidate(path.parent, tmp_path / "hf", progress=False)

@@ -8,6 +8,7 @@ checkpoint after 3 steps, the global losses of DeepSpeed's own next 3 steps, and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -160,6 +161,10 @@ def test_convert_then_consolidate_equals_zero_to_fp32(tmp_path, name, ranks, cap
     index = Index.read(tmp_path / "conv" / "global_step3")
     assert index.world_size == (ranks or 2) and index.data["global_steps"] == 3
     index.check_files()
+    for fname, meta in index.files.items():  # written like a save's: masters first, digest of that range
+        raw = (index.directory / fname).read_bytes()
+        assert meta["export"]["bytes"] < meta["size"]
+        assert meta["export"]["sha256"] == hashlib.sha256(raw[: meta["export"]["bytes"]]).hexdigest()
     consolidate(tmp_path / "conv", tmp_path / "out", dtype="fp32", progress=False)
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     ref = load_file(str(FIXTURES / name / "zero_to_fp32.safetensors"))

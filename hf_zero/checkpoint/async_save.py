@@ -8,11 +8,12 @@ collective ever runs off the main thread (gloo collectives are not safe from two
 
 Invariants:
     * Ranks agree through the shared checkpoint directory instead of a collective: when its file
-      is written and fsynced, each rank atomically writes ``.done-<rank file>.json`` (its size
-      and sha256, or the error) into ``.partial-<tag>``. Rank 0's thread waits until every
-      rank's marker exists, fills the index's file list from them, writes ``index.json``, renames
-      the directory to ``<tag>`` and only then moves ``latest``: ``latest`` names a checkpoint
-      only when every rank's file is complete. Any rank crashing before that leaves the previous
+      is written and fsynced, each rank atomically writes ``.done-<rank file>.json`` (its entry
+      of the index's ``files``: size, sha256 and export range; or the error) into
+      ``.partial-<tag>``. Rank 0's thread waits until every rank's marker exists, fills the
+      index's file list from them, writes ``index.json``, renames the directory to ``<tag>``
+      and only then moves ``latest``: ``latest`` names a checkpoint only when every rank's file
+      is complete. Any rank crashing before that leaves the previous
       checkpoint and ``latest`` untouched (a ``.partial-*`` directory is never loaded).
     * The next ``save_checkpoint`` first calls ``finish_pending`` (collective, main thread): it
       joins this rank's thread and all ranks agree on every rank's outcome; a failure is raised
@@ -83,9 +84,9 @@ class AsyncSave:
 
         path = self.partial / self.file_name
         try:
-            size, sha = _write_rank_file(path, self._tensors)
+            written = _write_rank_file(path, self._tensors)
             self._tensors = None  # the snapshot's memory goes back as soon as it is on disk
-            write_json_atomic(done_marker(self.partial, self.file_name), {"size": size, "sha256": sha})
+            write_json_atomic(done_marker(self.partial, self.file_name), {"written": written})
         except Exception as exc:  # noqa: BLE001 - recorded, agreed at the next save
             err = exc if isinstance(exc, OSError) else _as_os_error(exc)
             self.error = _disk_error(err, path, self.nbytes)
@@ -128,7 +129,7 @@ class AsyncSave:
             if "error" in done:
                 failed.append(f"rank {r}: {done['error']}")
             else:
-                files[name] = {"size": int(done["size"]), "sha256": done["sha256"]}
+                files[name] = done["written"]
         if failed:
             raise CheckpointError(f"asynchronous save of {self.final} failed on other rank(s): " + "; ".join(failed))
         for r in range(self.world_size):

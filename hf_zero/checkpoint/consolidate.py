@@ -11,8 +11,13 @@ Note:
     * Tied weights of a ``PreTrainedModel`` are written once, under the name ``save_pretrained``
       keeps, so ``from_pretrained`` re-ties them; any other module gets every name its own
       ``state_dict()`` holds (``load_state_dict(strict=True)`` works).
-    * ``consolidate`` checks the rank files' sizes first and their sha256 in a thread while the
-      export is written (one read of the inputs, overlapped with the writes); a mismatch raises
+    * ``consolidate`` checks the rank files' sizes first, then in a thread while the export is
+      written the sha256 of each file's export range (``Index.check_export_ranges``: the header
+      and the masters, frozen parameters and buffers it reads, which come first in the file),
+      not of the optimizer states after them; so it reads about the bytes it exports, once
+      (through the page cache, shared with the export's own reads), overlapped with the writes.
+      A file whose index entry has no export range, or whose header puts an entry the export
+      reads beyond it, is hashed whole. A mismatch raises a CheckpointError naming the file
       before any output file is renamed into place, and the temporary shards are removed.
     * Shards are written by ``fastio.write_file``: straight from the tensors' memory, fsynced.
     * Weight files of an earlier export in the same directory that this one does not overwrite
@@ -172,8 +177,9 @@ def _read_param(index: Index, reader, name: str) -> torch.Tensor:
 
 
 class _BackgroundCheck:
-    """The sha256 of every rank file, computed in a thread while the export is written (hashing
-    and file I/O release the GIL); ``result()`` re-raises its CheckpointError."""
+    """The sha256 of what the export reads from every rank file (its export range, or the whole
+    file), computed in a thread while the export is written (hashing and file I/O release the
+    GIL); ``result()`` re-raises its CheckpointError."""
 
     def __init__(self, index: Optional[Index]):
         self._error: Optional[BaseException] = None
@@ -186,7 +192,7 @@ class _BackgroundCheck:
         try:
             # through the page cache: the export reads the masters of the same files (mapped),
             # so each byte comes from the disk once for both readers
-            index.check_files(verify_hash=True, direct=False)
+            index.check_export_ranges(direct=False)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self._error = exc
 
@@ -203,7 +209,9 @@ def consolidate(checkpoint_dir, out_dir, *, tag: Optional[str] = None, dtype=Non
     """Write the HF safetensors of a sharded checkpoint into ``out_dir``; returns the file names.
 
     ``dtype``: "bf16" | "fp16" | "fp32" (default: the dtype the model trained in). ``verify``:
-    check every rank file's size and sha256 against the index first, as ``load_checkpoint`` does.
+    check every rank file's size and the sha256 of the bytes the export reads (its export range;
+    the whole file where the index records none) against the index, before anything is renamed
+    into place.
     """
     from .deepspeed_format import DeepSpeedIndex, DeepSpeedReader, open_deepspeed
     from .sharded import _SliceReader, name_dtype

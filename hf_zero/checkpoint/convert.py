@@ -92,9 +92,8 @@ def convert(ds_dir, out_dir, *, tag: Optional[str] = None, ranks: Optional[int] 
                 for bname, b in ck.buffers().items():
                     tensors[f"buffer.{bname}"] = b.detach().clone().contiguous()
             fname = rank_file(r, world)
-            size, sha = _write_rank_file(partial / fname, tensors)
+            files[fname] = _write_rank_file(partial / fname, tensors)  # with its export range
             del tensors
-            files[fname] = {"size": size, "sha256": sha}
         ds_sched = ck.model_states.get("lr_scheduler")
         data = view.data
         index = {

@@ -4,7 +4,19 @@ Note:
     * The files are plain safetensors (8-byte little-endian header length, a JSON header padded
       with spaces to a multiple of 8 bytes, then the tensors' bytes back to back in header
       order), so ``safetensors.safe_open`` reads them; the sha256 is that of the whole file, as
-      ``format.sha256_of`` computes it: the index format is unchanged.
+      ``format.sha256_of`` computes it.
+    * File order: the entries ``lead`` names first (the file's "lead range": the header and
+      those entries, e.g. what an export reads), then the rest, each group widest element first,
+      so every tensor starts aligned to its element size (offsets count from the data's start,
+      which the header's padding puts at a multiple of 8 bytes). Widths are powers of two, so
+      the lead's end is aligned to the lowest set bit of the lead entries' byte count; a rest
+      entry wider than that joins the lead (the end keeps its alignment: the entry's bytes are a
+      multiple of a larger power of two), and every rest entry then starts aligned. Without a
+      lead the order is widest first, as before. No gaps, no extra entries: plain safetensors.
+    * ``write_file`` returns the size and sha256 of the file and of its lead range, both from one
+      hashing pass: the running sha256 is copied when the hashed byte count reaches the lead's
+      end (a chunk spanning it is hashed in two updates). ``hash_file(path, length=n)`` hashes a
+      file's first ``n`` bytes, to check a lead range without reading the rest.
     * Direct I/O (``O_DIRECT``) for files of at least ``DIRECT_MIN`` bytes when the file system
       accepts it, buffered I/O otherwise (tmpfs, small files). Buffered writes of gigabytes go
       through the page cache's dirty-page throttling (``balance_dirty_pages``): the writer is
@@ -42,7 +54,7 @@ import os
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -168,25 +180,79 @@ def _open_direct(path: Path, flags: int) -> Optional[int]:
         raise
 
 
+class Written(NamedTuple):
+    """What ``write_file`` wrote: the file's size and sha256, and those of its lead range (the
+    header and the lead entries; the header alone without a ``lead``). The digests are None
+    when the bytes were not hashed."""
+
+    size: int
+    sha256: Optional[str]
+    lead_bytes: int
+    lead_sha256: Optional[str]
+
+
+class _LeadHash:
+    """sha256 of a byte stream fed in order, and of its first ``mark`` bytes, in one pass."""
+
+    def __init__(self, mark: int):
+        self.h = hashlib.sha256()
+        self.mark = mark
+        self.seen = 0
+        self.lead: Optional[str] = None
+
+    def update(self, data) -> None:
+        cut = self.mark - self.seen
+        if self.lead is None and 0 <= cut <= len(data):
+            self.h.update(data[:cut])
+            self.lead = self.h.copy().hexdigest()
+            self.h.update(data[cut:])
+        else:
+            self.h.update(data)
+        self.seen += len(data)
+
+    def digests(self) -> Tuple[str, Optional[str]]:
+        return self.h.hexdigest(), self.lead
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def _file_order(tensors: Dict[str, "torch.Tensor | Parts"],
+                lead: Optional[Callable[[str], bool]]) -> Tuple[Dict[str, "torch.Tensor | Parts"], List[str]]:
+    """``tensors`` in file order (see the module note), and the names of the lead group."""
+    chosen = {n for n in tensors if lead is not None and lead(n)}
+    first, rest = [n for n in tensors if n in chosen], [n for n in tensors if n not in chosen]
+    end = sum(_nbytes(tensors[n]) for n in first)
+    if end:  # the lead ends at a multiple of its byte count's lowest set bit: wider entries join it
+        joins = {n for n in rest if tensors[n].element_size() > end & -end}
+        first += [n for n in rest if n in joins]
+        rest = [n for n in rest if n not in joins]
+    first, rest = (sorted(g, key=lambda n: -tensors[n].element_size()) for g in (first, rest))  # stable
+    return {n: tensors[n] for n in first + rest}, first
+
+
 def write_file(path: Path, tensors: Dict[str, "torch.Tensor | Parts"], metadata: Optional[Dict[str, str]] = None,
-               fsync: bool = True, hash_bytes: bool = True, direct: Optional[bool] = None) -> Tuple[int, Optional[str]]:
-    """Write ``tensors`` as a safetensors file at ``path``; returns (size in bytes, sha256 hex or
-    None). ``direct``: None = ``O_DIRECT`` when the file has at least ``DIRECT_MIN`` bytes and
-    the file system accepts it; False = buffered. OSError (disk full, permissions) propagates
-    with ``filename`` set."""
-    # widest elements first: every tensor then starts aligned to its element size
-    tensors = dict(sorted(tensors.items(), key=lambda kv: -kv[1].element_size()))
+               fsync: bool = True, hash_bytes: bool = True, direct: Optional[bool] = None,
+               lead: Optional[Callable[[str], bool]] = None) -> Written:
+    """Write ``tensors`` as a safetensors file at ``path``; returns its :class:`Written` (sizes
+    and sha256 of the file and of its lead range). ``lead``: the names (``lead(name)`` true)
+    whose bytes come first, after the header. ``direct``: None = ``O_DIRECT`` when the file has
+    at least ``DIRECT_MIN`` bytes and the file system accepts it; False = buffered. OSError
+    (disk full, permissions) propagates with ``filename`` set."""
+    tensors, first = _file_order(tensors, lead)
     header = _header(tensors, metadata)
     sources = [src for t in tensors.values() for src in _sources(t)]
     total = len(header) + sum(s.numel() for s in sources)
+    lead_bytes = len(header) + sum(_nbytes(tensors[n]) for n in first)
     try:
-        sha, done = None, False
+        digests, done = (None, None), False
         fd = None
         if direct is not False and (direct or total >= DIRECT_MIN):
             fd = _open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         if fd is not None:
             try:
-                sha = _write_direct(fd, header, sources, total, hash_bytes)
+                digests = _write_direct(fd, header, sources, total, _LeadHash(lead_bytes) if hash_bytes else None)
                 if fsync:
                     os.fsync(fd)
                 done = True
@@ -196,22 +262,22 @@ def write_file(path: Path, tensors: Dict[str, "torch.Tensor | Parts"], metadata:
             finally:
                 os.close(fd)
         if not done:
-            sha = _write_buffered(path, header, sources, fsync, hash_bytes)
+            digests = _write_buffered(path, header, sources, fsync, _LeadHash(lead_bytes) if hash_bytes else None)
     except OSError as exc:
         if exc.filename is None:
             exc.filename = str(path)
         raise
-    return total, sha
+    return Written(total, digests[0], lead_bytes, digests[1])
 
 
 def _write_buffered(path: Path, header: bytes, sources: List[torch.Tensor], fsync: bool,
-                    hash_bytes: bool) -> Optional[str]:
-    h = hashlib.sha256() if hash_bytes else None
+                    h: Optional[_LeadHash]) -> Tuple[Optional[str], Optional[str]]:
+    """Write the file through the page cache; (sha256 of the file, of its lead range) from ``h``."""
     fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         _write_all(fd, memoryview(header))
         if h is not None:
-            h.update(header)
+            h.update(memoryview(header))
         with ThreadPoolExecutor(1, thread_name_prefix="hf_zero-hash") as pool:
             pending = None
             for chunk in _chunks([_mv(s) for s in sources]):
@@ -225,14 +291,13 @@ def _write_buffered(path: Path, header: bytes, sources: List[torch.Tensor], fsyn
             os.fsync(fd)
     finally:
         os.close(fd)
-    return h.hexdigest() if h is not None else None
+    return h.digests() if h is not None else (None, None)
 
 
 def _write_direct(fd: int, header: bytes, sources: List[torch.Tensor], total: int,
-                  hash_bytes: bool) -> Optional[str]:
+                  h: Optional[_LeadHash]) -> Tuple[Optional[str], Optional[str]]:
     """The direct-I/O pipeline (see the module note): fill staging buffer k while buffers k-1,
-    k-2 are written and hashed."""
-    h = hashlib.sha256() if hash_bytes else None
+    k-2 are written and hashed (in file order, by one hash thread); returns ``h``'s digests."""
     stages = [aligned_bytes(CHUNK) for _ in range(min(NBUF, max(1, -(-total // CHUNK))))]
     views = [_mv(s) for s in stages]
     busy: List[List[Future]] = [[] for _ in stages]
@@ -270,7 +335,7 @@ def _write_direct(fd: int, header: bytes, sources: List[torch.Tensor], total: in
                 fut.result()
     if offset % ALIGN:
         os.ftruncate(fd, total)
-    return h.hexdigest() if h is not None else None
+    return h.digests() if h is not None else (None, None)
 
 
 def _read_into(f, out: memoryview) -> int:
@@ -358,19 +423,22 @@ def _read_file(path: Path, hash_bytes: bool, direct: Optional[bool]) -> Tuple[to
     return buf, (h.hexdigest() if h is not None else None)
 
 
-def hash_file(path: Path, direct: Optional[bool] = None) -> str:
-    """sha256 of a file, reading chunk i+1 while chunk i is hashed (two buffers)."""
+def hash_file(path: Path, direct: Optional[bool] = None, length: Optional[int] = None) -> str:
+    """sha256 of a file, or of its first ``length`` bytes (all of it when shorter), reading
+    chunk i+1 while chunk i is hashed (two buffers)."""
     try:
-        return _hash_file(path, direct)
+        return _hash_file(path, direct, length)
     except OSError as exc:
         if exc.errno != errno.EINVAL or direct is False:
             raise
-        return _hash_file(path, False)
+        return _hash_file(path, False, length)
 
 
-def _hash_file(path: Path, direct: Optional[bool]) -> str:
+def _hash_file(path: Path, direct: Optional[bool], length: Optional[int]) -> str:
     h = hashlib.sha256()
     size = os.stat(path).st_size
+    if length is not None:
+        size = min(size, length)
     bufs = [_mv(aligned_bytes(CHUNK)) for _ in range(2)]
     src = _Source(Path(path), size, direct)
     try:
@@ -378,7 +446,8 @@ def _hash_file(path: Path, direct: Optional[bool]) -> str:
             pending, pos, i = None, 0, 0
             while True:
                 mv = bufs[i % 2]
-                n = _pread_into(src.fd, mv, pos, min(len(mv), size - pos))
+                # a direct read fills whole blocks: it may pass ``size``, which is not hashed
+                n = min(_pread_into(src.fd, mv, pos, min(len(mv), size - pos)), size - pos)
                 if pending is not None:
                     pending.result()
                 if n <= 0:

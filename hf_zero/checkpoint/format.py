@@ -17,6 +17,17 @@ Note:
       find, and read with ``get_slice``, exactly the elements it needs.
     * The index lists every rank file with its size and sha256; a file that is missing,
       truncated or altered is an error that names it, raised before any state is changed.
+    * A rank file's entries are ordered so that those an export reads (``<flat>.master``,
+      ``<flat>.param``, ``buffer.<name>``: :func:`in_export_range`) come first, right after the
+      header; the index records that leading range as ``"export": {"bytes": N, "sha256": ...}``
+      beside the file's size and sha256 (the header and those entries, with any wider entry
+      moved there to keep every tensor aligned; see ``fastio``). Optional: an index without it
+      (written before it existed) is read as before.
+    * ``check_files`` verifies whole files (``load_checkpoint``: it uses every byte);
+      ``check_export_ranges`` (``consolidate``) hashes only each file's export range, after its
+      header (inside that range) shows that every entry the export reads lies inside it too;
+      a file without the field, or whose export would read past it, is hashed whole. An export
+      therefore never uses a byte that no digest covers.
     * A checkpoint directory is complete iff it has ``index.json``: the index is written last,
       inside a temporary directory that is then renamed into place.
 """
@@ -26,13 +37,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 FORMAT = "hf_zero.checkpoint/1"
 INDEX = "index.json"
 LATEST = "latest"
+EXPORT = "export"  # a file entry's {"bytes", "sha256"} of its leading export range
 
 
 class CheckpointError(ValueError):
@@ -54,12 +67,48 @@ def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def hash_file(path: Path, direct: Optional[bool] = None) -> str:
-    """sha256 of a file, the next chunk read while the last is hashed (see fastio; ``direct``
-    False reads through the page cache, so that other readers of the file share the pages)."""
+def hash_file(path: Path, direct: Optional[bool] = None, length: Optional[int] = None) -> str:
+    """sha256 of a file (of its first ``length`` bytes), the next chunk read while the last is
+    hashed (see fastio; ``direct`` False reads through the page cache, so that other readers of
+    the file share the pages)."""
     from .fastio import hash_file as pipelined
 
-    return pipelined(path, direct=direct)
+    return pipelined(path, direct=direct, length=length)
+
+
+def in_export_range(entry: str) -> bool:
+    """Whether a rank file's entry is one an export reads: a master shard, a frozen parameter's
+    shard or a buffer (not optimizer states, not RNG states)."""
+    if entry.startswith("buffer."):
+        return True
+    return entry.endswith((".master", ".param")) and ".state." not in entry
+
+
+def _inside(path: Path, entries: Iterable[str], limit: int) -> bool:
+    """Whether the safetensors header of ``path`` lies within its first ``limit`` bytes and
+    places every one of ``entries`` there too (False for a header that cannot be parsed, or
+    that lacks one of them)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return False
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > limit:
+            return False
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return False
+    if not isinstance(header, dict):
+        return False
+    for name in entries:
+        try:
+            start, end = header[name]["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            return False
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end and 8 + n + end <= limit):
+            return False
+    return True
 
 
 def fsync_path(path: Path) -> None:
@@ -125,6 +174,12 @@ class Index:
                 v["aliases"] = tuple(v["aliases"])
                 self.params[name] = ParamEntry(name=name, **v)
             self.files: Dict[str, dict] = dict(data["files"])
+            for name, meta in self.files.items():
+                export = meta.get(EXPORT)
+                if export is not None and not (isinstance(export.get("bytes"), int) and isinstance(export.get("sha256"), str)
+                                               and 8 <= export["bytes"] <= int(meta["size"])):
+                    raise ValueError(f"file {name}: {EXPORT!r} is {export!r}, not a byte count (at most the "
+                                     f"file's {meta['size']}) and a sha256")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{where}: corrupt index (a field is missing or malformed: "
                                   f"{type(exc).__name__}: {exc})") from None
@@ -199,6 +254,42 @@ class Index:
                 raise CheckpointError(f"{path}: {size} bytes on disk, the index says {meta['size']} (truncated?)")
             if verify_hash and hash_file(path, direct) != meta["sha256"]:
                 raise CheckpointError(f"{path}: sha256 differs from the index (the file was altered or corrupted)")
+
+    def export_entries(self) -> Dict[str, Set[str]]:
+        """Per rank file, the entries an export reads: the master (frozen: param) shard of every
+        flat holding an element of some parameter there, and rank 0's buffers."""
+        out: Dict[str, Set[str]] = {name: set() for name in self.files}
+        for p in self.params.values():
+            if p.numel == 0:
+                continue
+            flat = self.flats[p.flat]
+            first, last = self.owner(flat, p.offset)[0], self.owner(flat, p.offset + p.numel - 1)[0]
+            for r in range(first, last + 1):
+                out.setdefault(rank_file(r, self.world_size), set()).add(
+                    f"{p.flat}.{'master' if p.trainable else 'param'}")
+        for name in self.data.get("buffers", []):
+            out[rank_file(0, self.world_size)].add(f"buffer.{name}")
+        return out
+
+    def check_export_ranges(self, direct: Optional[bool] = False) -> None:
+        """Verify what an export reads (``consolidate``): each file's presence and size, then the
+        sha256 of its export range alone where the index records one and the file's header
+        (inside that range) places every entry the export reads inside it too; otherwise the
+        sha256 of the whole file. ``direct`` False (default): through the page cache, which the
+        export's own reads of the same pages then hit. Raise CheckpointError naming the file."""
+        for name, entries in self.export_entries().items():
+            path = self.directory / name
+            if name not in self.files:
+                raise CheckpointError(f"{path}: the export reads {sorted(entries)} from it, but the index "
+                                      f"does not list it (corrupt index?)")
+            self.check_files([name], verify_hash=False)
+            export = self.files[name].get(EXPORT)
+            if export is not None and _inside(path, entries, export["bytes"]):
+                if hash_file(path, direct, length=export["bytes"]) != export["sha256"]:
+                    raise CheckpointError(f"{path}: sha256 of its first {export['bytes']} bytes (the entries an "
+                                          "export reads) differs from the index (the file was altered or corrupted)")
+            else:
+                self.check_files([name], verify_hash=True, direct=direct)
 
 
 def resolve_tag(load_dir: Path, tag: Optional[str]) -> Path:

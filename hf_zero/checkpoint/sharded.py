@@ -32,12 +32,14 @@ from safetensors import safe_open
 from .fastio import LoadedFile, Parts, read_file, write_file
 from .staging import SnapshotStaging
 from .format import (
+    EXPORT,
     FORMAT,
     INDEX,
     LATEST,
     CheckpointError,
     Index,
     fsync_path,
+    in_export_range,
     rank_file,
     resolve_tag,
     sha256_of,
@@ -325,7 +327,7 @@ def save_checkpoint(engine, save_dir, tag: Optional[str] = None, client_state: O
             nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
             meta = {"file": fname, "rng": _python_rng(), "scalar_states": scalars}
             if not async_save:
-                meta["size"], meta["sha256"] = _write_rank_file(partial / fname, tensors)
+                meta["written"] = _write_rank_file(partial / fname, tensors)
                 tensors = None
         except OSError as exc:
             error = _disk_error(exc, partial / fname, nbytes)
@@ -382,7 +384,7 @@ def _as_os_error(exc: Exception) -> OSError:
 
 def _index_data(engine, metas: list, client_json) -> dict:
     """The index of a checkpoint of ``engine``'s current state; ``metas`` hold every rank's file
-    name, RNG and scalar states, and (once written) its size and sha256."""
+    name, RNG and scalar states, and (once written) its entry of ``files`` (``"written"``)."""
     flats, params = _layout(engine)
     sched = engine.lr_scheduler
     return {
@@ -397,7 +399,7 @@ def _index_data(engine, metas: list, client_json) -> dict:
         "flats": flats,
         "params": params,
         "buffers": sorted(_persistent_buffers(engine.module)),
-        "files": {m["file"]: {"size": m["size"], "sha256": m["sha256"]} for m in metas if "size" in m},
+        "files": {m["file"]: m["written"] for m in metas if "written" in m},
         "rng": [m["rng"] for m in metas],
         "optimizer": {
             "class": type(engine.optimizer).__name__,
@@ -449,10 +451,12 @@ def _publish(save_dir: Path, tag: str, partial: Path, final: Path, index: dict, 
         fsync_path(save_dir)
 
 
-def _write_rank_file(path: Path, tensors: Dict[str, torch.Tensor]) -> Tuple[int, str]:
-    """Write one rank file (fsynced); returns its size and sha256, hashed as it was written."""
-    size, sha = write_file(path, tensors, metadata={"format": FORMAT})
-    return size, sha
+def _write_rank_file(path: Path, tensors: Dict[str, torch.Tensor]) -> dict:
+    """Write one rank file (fsynced), what an export reads first (``in_export_range``); returns
+    its entry of the index's ``files``: size and sha256, and those of its export range, hashed
+    as it was written."""
+    w = write_file(path, tensors, metadata={"format": FORMAT}, lead=in_export_range)
+    return {"size": w.size, "sha256": w.sha256, EXPORT: {"bytes": w.lead_bytes, "sha256": w.lead_sha256}}
 
 
 # ---------------------------------------------------------------------------------------- load
