@@ -765,7 +765,9 @@ class HFZeroConfig:
     Accelerate's checkpoint saves: return once the shards are in host memory, write the files in
     a background thread (see docs/checkpoints.md). async_save_keep_staging: keep the host memory
     of an asynchronous save's snapshot for the next one (one rank file of host RAM held between
-    saves; the next snapshot then copies into memory already touched, hf_zero.checkpoint.staging).
+    saves; the next snapshot then copies into memory already touched, hf_zero.checkpoint.staging);
+    null (default): keep it when training on an accelerator, not when the model state itself
+    lives in host RAM (CPU training, where it would double that state's footprint).
     """
 
     skip_non_finite_steps: bool = True
@@ -776,7 +778,7 @@ class HFZeroConfig:
     swap_checksums: bool = True
     ranks_per_node: int | None = None
     async_save: bool = False
-    async_save_keep_staging: bool = True
+    async_save_keep_staging: bool | None = None
 
     def __post_init__(self) -> None:
         s = object.__setattr__
@@ -787,7 +789,8 @@ class HFZeroConfig:
         s(self, "swap_checksums", _bool("swap_checksums", self.swap_checksums))
         s(self, "ranks_per_node", _int("ranks_per_node", self.ranks_per_node, minimum=1, optional=True))
         s(self, "async_save", _bool("async_save", self.async_save))
-        s(self, "async_save_keep_staging", _bool("async_save_keep_staging", self.async_save_keep_staging))
+        if self.async_save_keep_staging is not None:
+            s(self, "async_save_keep_staging", _bool("async_save_keep_staging", self.async_save_keep_staging))
         for key in ("save_on_signal", "save_on_signal_tag"):
             value = getattr(self, key)
             if isinstance(value, os.PathLike):

@@ -61,10 +61,13 @@ def compare(payload, out_dir: Path):
     reused = again is staged and {k: v.data_ptr() for k, v in again._held.items()} == first if staged else False
     engine.wait_for_checkpoint()
     engine.save_checkpoint(sync, tag="t4")
+    engine.load_checkpoint(asyn, tag="t4")  # gives the snapshot memory back (room for the rank file)
+    after_load = engine._checkpoint_staging is not None
+    engine.save_checkpoint(asyn, tag="t5", async_save=True)
     engine.destroy()
     return {"losses": losses, "blocked": blocked, "published_early": published_early,
             "staging_bytes": staged.nbytes() if staged is not None else 0, "staging_reused": reused,
-            "staging_after_destroy": engine._checkpoint_staging is not None}
+            "staging_after_load": after_load, "staging_after_destroy": engine._checkpoint_staging is not None}
 
 
 def crash(payload, out_dir: Path):

@@ -364,11 +364,13 @@ def save_checkpoint(engine, save_dir, tag: Optional[str] = None, client_state: O
 
 def _staging_of(engine) -> SnapshotStaging:
     """The host memory an asynchronous save copies into: the engine's, kept between saves, or a
-    new one when ``hf_zero.async_save_keep_staging`` is off (see staging.py)."""
+    new one when ``hf_zero.async_save_keep_staging`` is off (null: kept unless training on the
+    CPU; see staging.py)."""
     staging = getattr(engine, "_checkpoint_staging", None)
     if staging is None:
         staging = SnapshotStaging(pin=engine.device.type == "cuda")
-        if engine.config.hf_zero.async_save_keep_staging:
+        keep = engine.config.hf_zero.async_save_keep_staging
+        if keep or (keep is None and engine.device.type != "cpu"):
             engine._checkpoint_staging = staging
     return staging
 
@@ -578,6 +580,7 @@ def load_checkpoint(engine, load_dir, tag: Optional[str] = None, load_optimizer_
     from .deepspeed_format import DeepSpeedIndex, DeepSpeedReader, open_deepspeed
 
     finish_pending(engine)  # a checkpoint still being written in the background is published first
+    engine._checkpoint_staging = None  # its snapshot memory goes back: the load needs room for a rank file
 
     deepspeed = open_deepspeed(Path(load_dir), tag)  # a DeepSpeed checkpoint is read in place
     if deepspeed is not None:
