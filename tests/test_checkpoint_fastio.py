@@ -90,6 +90,15 @@ def test_parts_are_written_as_the_joined_tensor(tmp_path, direct):
         assert torch.equal(f.get_tensor("s"), torch.cat(pieces))
     with pytest.raises(TypeError, match="share a dtype"):
         fastio.Parts([torch.zeros(2), torch.zeros(2, dtype=torch.float16)])
+    # a shaped entry (an export's parameter spanning two rank files): the joined elements in
+    # row-major order, under the given shape
+    shaped = fastio.Parts([torch.arange(4.0), torch.arange(4.0, 6.0)], shape=(2, 3))
+    assert shaped.numel() == 6 and shaped.shape == (2, 3)
+    fastio.write_file(tmp_path / "shaped.st", {"w": shaped}, direct=direct)
+    with safe_open(str(tmp_path / "shaped.st"), framework="pt") as f:
+        assert torch.equal(f.get_tensor("w"), torch.arange(6.0).view(2, 3))
+    with pytest.raises(ValueError, match="cannot have shape"):
+        fastio.Parts([torch.zeros(5)], shape=(2, 3))
 
 
 def _layout(raw: bytes):
@@ -163,3 +172,21 @@ def test_lead_range_digest_is_that_of_the_leading_bytes(tmp_path, monkeypatch, b
     for d in (True, False) if direct else (False,):
         assert fastio.hash_file(tmp_path / "f.st", direct=d, length=w.lead_bytes) == w.lead_sha256
         assert fastio.hash_file(tmp_path / "f.st", direct=d, length=len(raw) + 5) == w.sha256
+
+
+def test_map_file_gives_views_of_a_private_mapping(tmp_path):
+    """``map_file``: the tensors are views of the mapping (no copy), equal to what safe_open
+    reads, and writing into one never reaches the file."""
+    g = torch.Generator().manual_seed(1)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.arange(7, dtype=torch.int64)}
+    fastio.write_file(tmp_path / "m.st", tensors, direct=False)
+    before = (tmp_path / "m.st").read_bytes()
+    mapped = fastio.map_file(tmp_path / "m.st")
+    a = mapped.get_slice("a")
+    assert torch.equal(a, tensors["a"].reshape(-1)) and torch.equal(mapped.get_tensor("b"), tensors["b"])
+    assert mapped.get_slice("a").data_ptr() == a.data_ptr()  # the same bytes twice: a view
+    a.zero_()
+    assert (tmp_path / "m.st").read_bytes() == before
+    (tmp_path / "empty.st").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty file"):
+        fastio.map_file(tmp_path / "empty.st")

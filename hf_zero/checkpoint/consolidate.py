@@ -5,9 +5,13 @@ Note:
     * Output: ``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` plus
       ``model.safetensors.index.json`` when it exceeds ``max_shard_size``; with ``config.json``
       (and, offline, any tokenizer / generation files found beside the checkpoint).
-    * Peak memory is one output shard plus one tensor: tensors are assembled one at a time from
-      the ranks' slices and flushed as soon as the shard is full; a tensor larger than
-      ``max_shard_size`` gets a shard of its own.
+    * Offline, the rank files are mapped (``fastio.map_file``) and a parameter is written
+      straight from the mapping: one view per rank file it spans (a ``Parts`` when several),
+      nothing copied into new memory unless the export changes its dtype. A shard is written
+      once it is full (``max_shard_size``; a larger tensor gets a shard of its own), so the
+      anonymous memory is the write pipeline's staging buffers plus, when converting, one
+      shard of converted tensors. Live (``save_pretrained``), one gathered unit plus one
+      output shard.
     * Tied weights of a ``PreTrainedModel`` are written once, under the name ``save_pretrained``
       keeps, so ``from_pretrained`` re-ties them; any other module gets every name its own
       ``state_dict()`` holds (``load_state_dict(strict=True)`` works).
@@ -41,7 +45,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from .fastio import write_file
+from .fastio import Parts, write_file
 from .format import INDEX, CheckpointError, Index, resolve_tag
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -83,11 +87,11 @@ class HFShardWriter:
         self.total_bytes = 0
         self.progress = progress
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: "torch.Tensor | Parts") -> None:
         nbytes = tensor.numel() * tensor.element_size()
         if self.current and self.current_bytes + nbytes > self.max_bytes:
             self._flush()
-        self.current[name] = tensor.detach().cpu().contiguous()
+        self.current[name] = tensor if isinstance(tensor, Parts) else tensor.detach().cpu().contiguous()
         self.current_bytes += nbytes
         self.total_bytes += nbytes
         if self.progress is not None:
@@ -164,16 +168,25 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
 
 
-def _read_param(index: Index, reader, name: str) -> torch.Tensor:
+def _read_param(index: Index, reader, name: str, dtype: torch.dtype) -> "torch.Tensor | Parts":
+    """Parameter ``name`` in ``dtype``: views of the mapped rank files when the reader gives
+    them (``pieces``; a :class:`Parts` when it spans files, nothing copied unless the dtype
+    changes), else one tensor read through ``reader.read``."""
     entry = index.params[name]
     if math.prod(entry.shape) != entry.numel:
         raise CheckpointError(
             f"{index.directory / INDEX}: parameter {name!r} has shape {list(entry.shape)} "
             f"({math.prod(entry.shape)} elements) but numel {entry.numel}; the index is corrupt"
         )
-    out = torch.empty(entry.numel, dtype=torch.float32)
-    reader.read(entry.flat, "master" if entry.trainable else "param", entry.offset, entry.numel, out)
-    return out.view(entry.shape)
+    kind = "master" if entry.trainable else "param"
+    if entry.numel == 0:
+        return torch.empty(entry.shape, dtype=dtype)
+    if not hasattr(reader, "pieces"):  # e.g. DeepSpeed's files
+        out = torch.empty(entry.numel, dtype=torch.float32)
+        reader.read(entry.flat, kind, entry.offset, entry.numel, out)
+        return out.view(entry.shape).to(dtype)
+    parts = [p.to(dtype) for p in reader.pieces(entry.flat, kind, entry.offset, entry.numel)]
+    return parts[0].view(entry.shape) if len(parts) == 1 else Parts(parts, shape=entry.shape)
 
 
 class _BackgroundCheck:
@@ -224,7 +237,7 @@ def consolidate(checkpoint_dir, out_dir, *, tag: Optional[str] = None, dtype=Non
         directory = resolve_tag(Path(checkpoint_dir), tag)
         index = Index.read(directory)
         index.check_files(verify_hash=False)  # presence and sizes now; sha256 alongside the export
-        reader = _SliceReader(index)
+        reader = _SliceReader(index, mapped=True)  # the export passes views of the files on
     out_dtype = parse_dtype(dtype) or name_dtype(index.data["compute_dtype"])
     out_dir = Path(out_dir)
     if out_dir.resolve() == directory.resolve():
@@ -237,9 +250,9 @@ def consolidate(checkpoint_dir, out_dir, *, tag: Optional[str] = None, dtype=Non
     try:
         for name in index.params:
             entry = index.params[name]
-            value = _read_param(index, reader, name).to(out_dtype)
-            for k, export in enumerate(entry.aliases if all_aliases else (entry.export_name,)):
-                writer.add(export, value if k == 0 else value.clone())
+            value = _read_param(index, reader, name, out_dtype)
+            for export in entry.aliases if all_aliases else (entry.export_name,):
+                writer.add(export, value)  # fastio writes one tensor under several names as it is
         for name in index.data.get("buffers", []):
             writer.add(name, reader.buffer(name))
         writer.flush()

@@ -50,6 +50,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -105,9 +106,10 @@ def _u8(t: torch.Tensor) -> torch.Tensor:
 
 class Parts:
     """One safetensors entry made of several tensors of one dtype, flattened and written end to
-    end (a 1-D tensor of ``numel()`` elements). The parts are not copied or joined in memory."""
+    end (by default a 1-D tensor of ``numel()`` elements; ``shape``: the entry's shape, whose
+    elements the parts hold in row-major order). The parts are not copied or joined in memory."""
 
-    def __init__(self, parts):
+    def __init__(self, parts, shape=None):
         self.parts = [p.detach().reshape(-1) for p in parts]
         if not self.parts:
             raise ValueError("Parts needs at least one tensor")
@@ -115,10 +117,13 @@ class Parts:
         if len(dtypes) != 1:
             raise TypeError(f"Parts of one entry must share a dtype, got {sorted(map(str, dtypes))}")
         self.dtype = self.parts[0].dtype
-        self.shape = (sum(p.numel() for p in self.parts),)
+        self._numel = sum(p.numel() for p in self.parts)
+        self.shape = (self._numel,) if shape is None else tuple(shape)
+        if math.prod(self.shape) != self._numel:
+            raise ValueError(f"Parts of {self._numel} elements cannot have shape {list(self.shape)}")
 
     def numel(self) -> int:
-        return self.shape[0]
+        return self._numel
 
     def element_size(self) -> int:
         return self.parts[0].element_size()
@@ -459,6 +464,17 @@ def _hash_file(path: Path, direct: Optional[bool], length: Optional[int]) -> str
     finally:
         src.close()
     return h.hexdigest()
+
+
+def map_file(path: Path) -> "LoadedFile":
+    """A safetensors file mapped into memory (a private, copy-on-write mapping of the page
+    cache: nothing is read until a tensor's pages are touched, nothing is ever written back),
+    with :class:`LoadedFile`'s interface; its tensors are views of the mapping. For readers
+    that pass bytes on without keeping them (an export): no anonymous memory, no copy."""
+    size = os.stat(path).st_size
+    if size == 0:
+        raise ValueError(f"{path}: empty file, too short for a safetensors header")
+    return LoadedFile(Path(path), torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8))
 
 
 class LoadedFile:

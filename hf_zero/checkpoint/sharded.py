@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from safetensors import safe_open
 
-from .fastio import LoadedFile, Parts, read_file, write_file
+from .fastio import LoadedFile, Parts, map_file, read_file, write_file
 from .staging import SnapshotStaging
 from .format import (
     EXPORT,
@@ -465,16 +465,19 @@ def _write_rank_file(path: Path, tensors: Dict[str, torch.Tensor]) -> dict:
 class _SliceReader:
     """Reads element ranges of named 1-D tensors from the rank files, opening each file once."""
 
-    def __init__(self, index: Index, loaded: Optional[Dict[int, LoadedFile]] = None):
+    def __init__(self, index: Index, loaded: Optional[Dict[int, LoadedFile]] = None, mapped: bool = False):
+        """``loaded``: files read (and verified) in one pass; ``mapped``: open the others as
+        :func:`~hf_zero.checkpoint.fastio.map_file` mappings (``pieces`` then gives views)."""
         self.index = index
-        self._files: Dict[int, Any] = dict(loaded or {})  # files read (and verified) in one pass
+        self.mapped = mapped
+        self._files: Dict[int, Any] = dict(loaded or {})
 
     def _file(self, rank: int):
         if rank not in self._files:
             name = rank_file(rank, self.index.world_size)
             path = self.index.directory / name
             try:
-                self._files[rank] = safe_open(str(path), framework="pt")
+                self._files[rank] = map_file(path) if self.mapped else safe_open(str(path), framework="pt")
             except Exception as exc:  # noqa: BLE001 - safetensors raises several types
                 raise CheckpointError(f"{path}: cannot be read as safetensors ({exc})") from None
         return self._files[rank]
@@ -493,17 +496,25 @@ class _SliceReader:
 
     def read(self, flat_key: str, kind: str, start: int, length: int, out: torch.Tensor) -> None:
         """Copy elements ``[start, start + length)`` of ``<flat>.<kind>`` into ``out``."""
-        flat = self.index.flats[flat_key]
         done = 0
+        for piece in self.pieces(flat_key, kind, start, length):
+            out[done : done + piece.numel()].copy_(piece)
+            done += piece.numel()
+
+    def pieces(self, flat_key: str, kind: str, start: int, length: int) -> List[torch.Tensor]:
+        """Elements ``[start, start + length)`` of ``<flat>.<kind>``, one 1-D slice per rank
+        file they span, in order (views of the file when it is loaded or mapped)."""
+        flat = self.index.flats[flat_key]
+        key, done, out = f"{flat_key}.{kind}", 0, []
         while done < length:
             rank, local = self.index.owner(flat, start + done)
             n = min(length - done, flat.shard_numel - local)
-            key = f"{flat_key}.{kind}"
             f = self._file(rank)
             if key not in f.keys():
                 raise CheckpointError(f"{self.index.directory / rank_file(rank, self.index.world_size)}: no tensor {key!r}")
-            out[done : done + n].copy_(f.get_slice(key)[local : local + n])
+            out.append(f.get_slice(key)[local : local + n])
             done += n
+        return out
 
 
 def _needed_files(engine, index: Index) -> set:
