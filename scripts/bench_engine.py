@@ -109,6 +109,31 @@ def make_batches(args, rank: int, count: int):
     return out[:count], out[count]
 
 
+class PeakSampler:
+    """A thread reading VmRSS every ``period`` seconds until ``stop()``; ``at_peak`` holds
+    ``malloc_stats()`` (plus ``vmrss``) taken at the highest VmRSS seen."""
+
+    def __init__(self, period: float = 0.002):
+        import threading
+
+        self.at_peak: dict = {}
+        self._best = -1
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+        self._thread.start()
+
+    def _run(self, period: float) -> None:
+        while not self._done.wait(period):
+            rss = proc_status_kb("VmRSS") * 1024
+            if rss > self._best:
+                self._best = rss
+                self.at_peak = {"vmrss": rss, **malloc_stats()}
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 class Variant:
     """One model under one data-parallel wrapper, with a uniform step()."""
 
@@ -242,14 +267,17 @@ def worker(args) -> None:
         trace = [("built", proc_status_kb("VmRSS") * 1024, proc_status_kb("VmHWM") * 1024)]
         batches, _ = make_batches(args, rank, args.rss_steps)
         heap = []
+        peak = PeakSampler()  # glibc's heap at the highest RSS it sees (every 2 ms)
         for i, ids in enumerate(batches):
             dist.barrier()
             v.step(ids)
             trace.append((f"step {i + 1}", proc_status_kb("VmRSS") * 1024, proc_status_kb("VmHWM") * 1024))
             heap.append(malloc_stats())
+        peak.stop()
         dist.barrier()
         result["vmrss_vmhwm_trace_bytes"] = trace
         result["malloc_after_each_step"] = heap
+        result["malloc_at_sampled_peak"] = peak.at_peak
         result.update(
             variant=keys[0],
             baseline_vmhwm_bytes=baseline_hwm_kb * 1024,
@@ -379,6 +407,7 @@ def summarize(args, main_ranks, rss_ranks, machine, load_start, load_end) -> dic
             entry["peak_rss_bytes_per_rank"] = [r["ru_maxrss_bytes"] for r in rr]
             entry["baseline_vmhwm_bytes_per_rank"] = [r["baseline_vmhwm_bytes"] for r in rr]
             entry["malloc_after_last_step_per_rank"] = [(r.get("malloc_after_each_step") or [{}])[-1] for r in rr]
+            entry["malloc_at_sampled_peak_per_rank"] = [r.get("malloc_at_sampled_peak") or {} for r in rr]
         else:
             entry["peak_rss_bytes_per_rank"] = [None] * world
         out["variants"][k] = entry
@@ -435,15 +464,18 @@ def render(summary: dict) -> str:
     if base:
         lines.append(f"  (baseline before any model: {min(base) / MB:.0f}-{max(base) / MB:.0f} MB; glibc malloc, "
                      "so freed heap memory can stay resident and count in the peak)")
-    heaps = [(e["name"], e.get("malloc_after_last_step_per_rank") or []) for e in summary["variants"].values()]
-    if any(h and h[0] for _, h in heaps):
-        lines.append("  glibc malloc after the last RSS step, rank 0 (MB): heap size = in use + free; free heap "
-                     "chunks below the topmost one in use stay resident")
-        for name, h in heaps:
-            if h and h[0]:
-                m = h[0]
+    for key, what in (("malloc_at_sampled_peak_per_rank", "at the highest RSS sampled (every 2 ms)"),
+                      ("malloc_after_last_step_per_rank", "after the last RSS step")):
+        heaps = [(e["name"], (e.get(key) or [{}])[0]) for e in summary["variants"].values()]
+        if not any(m.get("heap") is not None for _, m in heaps):
+            continue
+        lines.append(f"  glibc malloc {what}, rank 0 (MB): heap size = in use + free; free heap chunks below "
+                     "the topmost one in use stay resident")
+        for name, m in heaps:
+            if m.get("heap") is not None:
+                at = f" (RSS {m['vmrss'] / MB:.0f})" if "vmrss" in m else ""
                 lines.append(f"    {name:<16} heap {m['heap'] / MB:.0f} = {m['in_use'] / MB:.0f} in use + "
-                             f"{m['free'] / MB:.0f} free; malloc's own mappings {m['mmapped'] / MB:.0f}")
+                             f"{m['free'] / MB:.0f} free; malloc's own mappings {m['mmapped'] / MB:.0f}{at}")
     ddp = summary["variants"].get("ddp")
     if ddp and ddp.get("ddp_bucket_bytes_not_counted_per_rank", [None])[0]:
         lines.append(
