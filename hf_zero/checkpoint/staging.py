@@ -12,12 +12,14 @@ Invariants:
       only when there is none yet or its shape or dtype differs.
     * Only ``save_checkpoint`` fills it, on the main thread, and only after ``finish_pending``
       joined the previous background write: a snapshot never overwrites bytes still being
-      written. ``begin()`` starts a snapshot, ``end()`` drops the tensors this snapshot did not use (a model that changed).
+      written. ``begin()`` starts a snapshot; ``end()`` drops the tensors it did not use (a
+      model that changed since the last save).
     * Pinned memory when the engine's device is CUDA (device-to-host copies at full speed), and
       the copies are synchronous: when ``copy`` returns the bytes are in host memory.
-    * ``keep`` False (``hf_zero.async_save_keep_staging``): the engine does not hold it, so the
-      snapshot's memory goes back when its file is written (the cost of each save's first touch
-      is paid again, the host RAM between saves is free).
+    * Not kept (``hf_zero.async_save_keep_staging`` false, or null when training on the CPU):
+      the engine does not hold it, so the snapshot's memory goes back when its file is written
+      (each save pays the first touch again; the host RAM between saves is free).
+      ``load_checkpoint`` and ``engine.destroy()`` drop a kept one.
 """
 
 from __future__ import annotations
