@@ -97,13 +97,11 @@ def worker(args) -> None:
             if i >= args.warmup:
                 times.append(dt)
         comm = engine.memory_report()["comm_bytes_last_step"]
-        last = engine.runtime.last_forward_order[-1]
+        again = set(engine.runtime.regathered_in_backward())
         out[name] = {"step_s": sorted(times)[len(times) // 2], "comm": comm, "loss": loss.item(),
                      "flats": [f.padded_numel for u in engine.units for f in u.flats if f.trainable],
-                     # stage 3: whether the flat is all-gathered again in backward (not the unit
-                     # carried from forward, not a plain embedding)
-                     "again": [u.backward_reads_weights and u is not last
-                               for u in engine.units for f in u.flats if f.trainable]}
+                     # stage 3: whether the flat is all-gathered again in backward
+                     "again": [u in again for u in engine.units for f in u.flats if f.trainable]}
         engine.destroy()
     Path(args.out_dir, f"rank{rank}.json").write_text(json.dumps(out))
 

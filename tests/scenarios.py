@@ -116,6 +116,7 @@ def accounting(payload, out_dir: Path):
         rep = engine.memory_report()
         rep["padded_numel"] = sum(f.padded_numel for u in engine.units for f in u.flats)
         rep["unit_padded"] = {u.name: sum(f.padded_numel for f in u.flats) for u in engine.units}
+        rep["unit_numel"] = {u.name: sum(f.numel for f in u.flats) for u in engine.units}
         out[str(stage)] = rep
         engine.destroy()
     return out

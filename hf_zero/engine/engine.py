@@ -937,18 +937,10 @@ class ZeroEngine(DeepSpeedEngineMethods):
             **host,
             "comm_bytes_last_step": self._last_comm.as_dict(),
             # stage 3: parameters all-gathered again in backward per micro-step, by the last
-            # forward's order (hf_zero.memory.backward_gathered_numel); None at stages 0-2
-            "backward_gathered_numel": self._backward_gathered_numel() if self.stage == 3 else None,
+            # forward's order (StageRuntime.regathered_in_backward); None at stages 0-2
+            "backward_gathered_numel": (sum(f.numel for u in self.runtime.regathered_in_backward() for f in u.flats)
+                                        if self.stage == 3 else None),
         }
-
-    def _backward_gathered_numel(self) -> int:
-        from ..memory import backward_gathered_numel
-
-        rt = self.runtime
-        order = rt.forward_order or rt.last_forward_order
-        return backward_gathered_numel([sum(f.numel for f in u.flats) for u in self.units],
-                                       [u.index for u in order],
-                                       [u.index for u in self.units if not u.backward_reads_weights])
 
     @torch.no_grad()
     def gather_fp32(self, f: FlatParam) -> torch.Tensor:

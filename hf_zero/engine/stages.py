@@ -540,6 +540,15 @@ class StageRuntime:
         return (self.stage == 3 and self._training_forward and not unit.is_root and unit.backward_reads_weights
                 and not unit.pins and bool(self.last_forward_order) and unit is self.last_forward_order[-1])
 
+    def regathered_in_backward(self) -> List[Unit]:
+        """Stage 3, in the steady state (a training forward in the last one's order): the units
+        backward all-gathers again. The root, and every unit of that forward except the one it
+        ends with (carried into backward, see ``_carries``) and plain embeddings (their backward
+        reads no weight). The counters' reference for ``memory_report`` and the benchmarks."""
+        order = self.forward_order or self.last_forward_order
+        carried = order[-1] if order else None
+        return [self.root] + [u for u in order if u is not carried and u.backward_reads_weights]
+
     @staticmethod
     def _copy_aliases(unit: Unit, output):
         """``output`` with every tensor that shares storage with ``unit``'s flat buffers (its
